@@ -1,0 +1,37 @@
+"""Shared test setup.
+
+``TRITON_INTERPRET`` must be decided before any ``@triton.jit`` runs: ``make test`` exports it, and this
+file sets it for a bare ``pytest`` too (a GPU run exports TRITON_INTERPRET=0 first).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none is visible to torch on this machine")
+    no_interp = pytest.mark.skip(
+        reason="Triton CPU-interpreter test: needs TRITON_INTERPRET=1 (the GPU run covers these kernels natively)"
+    )
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(no_gpu)
+        if "interpret" in item.keywords and not INTERPRETING:
+            item.add_marker(no_interp)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield

@@ -1,0 +1,3 @@
+from trimformer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,182 @@
+"""Public attention functionals: validation, defaults and dispatch.
+
+``impl`` selects the implementation:
+
+* ``"auto"``: our Triton kernel for CUDA tensors when it supports the input, else PyTorch's own kernels;
+* ``"triton"``: our Triton kernel; raises if it cannot run the input (never falls back silently);
+* ``"torch"``: PyTorch's kernels (bucketed SDPA on CPU, ``varlen_attn`` on CUDA);
+* ``"naive"``: the plain reference in ``naive.py`` (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Literal
+
+import torch
+
+from trimformer.ops.attention import torch_path
+
+Impl = Literal["auto", "triton", "torch", "naive"]
+_IMPLS = ("auto", "triton", "torch", "naive")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_runnable(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take this tensor here (CUDA, or CPU under the Triton interpreter)."""
+    return t.is_cuda or (_interpreting() and t.device.type == "cpu")
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lead: int) -> None:
+    if q.dim() != lead + 2 or k.dim() != lead + 2 or v.dim() != lead + 2:
+        raise ValueError(
+            f"attention expects q, k, v with {lead + 2} dims, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or hq % hk:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hk})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Softmax attention over packed variable-length sequences; no work is done on padding.
+
+    Args:
+        q: ``[T, Hq, D]`` packed queries (fp32, fp16 or bf16).
+        k, v: ``[T, Hk, D]``; ``Hq`` must be a multiple of ``Hk`` (GQA: query head ``h`` reads kv head
+            ``h // (Hq // Hk)``).
+        cu_seqlens: ``[N + 1]`` int32 cumulative sequence lengths, ``cu_seqlens[0] == 0``, ``cu_seqlens[-1] == T``.
+        max_seqlen: longest sequence, as a host ``int`` (never read back from the device).
+        causal: token ``i`` of a sequence sees tokens ``<= i`` of the same sequence only.
+        scale: logit scale, default ``1/sqrt(D)``.
+        impl: see the module docstring.
+
+    Returns:
+        ``[T, Hq, D]`` in the dtype of ``q``.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if not torch.compiler.is_compiling():
+        _check_qkv(q, k, v, lead=1)
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(
+                f"cu_seqlens must be a 1-D int32 tensor with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
+                f"{tuple(cu_seqlens.shape)}"
+            )
+        if not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if impl == "auto":
+        impl = "triton" if q.is_cuda and _triton_supports(q, k) else "torch"
+    if impl == "naive":
+        from trimformer.ops.attention.naive import naive_varlen_attention
+
+        return naive_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+    if impl == "torch":
+        return torch_path.torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+    return _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+
+
+def _triton_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return _triton_unsupported_reason(q, k) is None
+
+
+def _triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    try:
+        from trimformer.ops.attention import forward  # noqa: F401
+    except ImportError:
+        return "the Triton attention kernel is not available in this build"
+    if not triton_runnable(q):
+        return f"tensors on {q.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)"
+    return forward.unsupported_reason(q, k)
+
+
+def _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, scale):
+    reason = _triton_unsupported_reason(q, k)
+    if reason is not None:
+        raise ValueError(f"impl='triton' cannot run this input: {reason}")
+    from trimformer.ops.attention import forward
+
+    return forward.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+
+
+def kvcache_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Causal attention of ``Tq`` new queries over a preallocated key/value cache (decode, chunked prefill).
+
+    The new tokens' keys and values must already be written into the cache: query ``i`` of row ``b`` sits at
+    position ``cache_seqlens[b] - Tq + i`` and sees cache rows ``0 .. that position``. Static shapes and no host
+    reads, so the call can be captured in a CUDA graph.
+
+    Args:
+        q: ``[B, Tq, Hq, D]``.
+        k_cache, v_cache: ``[B, S_max, Hk, D]``; ``Hq`` a multiple of ``Hk``.
+        cache_seqlens: ``[B]`` int32, valid cache rows per sequence *including* the ``Tq`` new ones (``>= Tq``).
+        scale: logit scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``[B, Tq, Hq, D]``.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if not torch.compiler.is_compiling():
+        _check_qkv(q, k_cache, v_cache, lead=2)
+        if q.shape[0] != k_cache.shape[0] or cache_seqlens.shape != (q.shape[0],):
+            raise ValueError(
+                f"batch sizes differ: q {q.shape[0]}, cache {k_cache.shape[0]}, "
+                f"cache_seqlens {tuple(cache_seqlens.shape)}"
+            )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if impl == "auto":
+        impl = "triton" if q.is_cuda and _decode_kernel_available() else "torch"
+    if impl == "naive":
+        from trimformer.ops.attention.naive import naive_kvcache_attention
+
+        return naive_kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+    if impl == "torch":
+        return torch_path.torch_kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+    if not _decode_kernel_available():
+        raise ValueError("impl='triton' cannot run kvcache_attention: the Triton decode kernel is not available")
+    if not triton_runnable(q):
+        raise ValueError(f"impl='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {q.device}")
+    from trimformer.ops.attention import decode
+
+    return decode.kvcache_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale=scale)
+
+
+def _decode_kernel_available() -> bool:
+    try:
+        from trimformer.ops.attention import decode  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,107 @@
+"""``bias_act``: ``act(x + bias)``, the FFN epilogue of an encoder, for the activations BERT-family configs name.
+
+Activation names follow HF ``hidden_act`` strings (see :data:`ACTIVATIONS`):
+
+* exact GELU (erf): ``"gelu"``, ``"gelu_python"``;
+* tanh-approximated GELU: ``"gelu_new"``, ``"gelu_fast"``, ``"gelu_accurate"``, ``"gelu_pytorch_tanh"``,
+  ``"gelu_python_tanh"`` (one formula, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``);
+* ``"quick_gelu"`` (``x * sigmoid(1.702 x)``), ``"relu"``, ``"silu"`` / ``"swish"``, ``"tanh"``, ``"linear"``.
+
+``impl`` selects the implementation: ``"auto"`` (a fused Triton kernel on CUDA when installed, else ``"torch"``),
+``"triton"`` (raises when unavailable), ``"torch"`` (PyTorch ops) or ``"naive"`` (the formulas in ``naive.py``).
+
+Kernel contract: a module ``trimformer/ops/activation/fused.py`` exposing
+``unsupported_reason(x, act) -> str | None`` and ``bias_act_fwd(x, bias, act) -> Tensor`` is picked up when it exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from trimformer.ops.activation.names import ACTIVATIONS, canonical_activation
+
+Impl = Literal["auto", "triton", "torch", "naive"]
+_IMPLS = ("auto", "triton", "torch", "naive")
+_KERNEL_MODULE = "trimformer.ops.activation.fused"
+__all__ = ["ACTIVATIONS", "bias_act", "canonical_activation", "torch_bias_act"]
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, *, impl: Impl = "auto") -> torch.Tensor:
+    """``act(x + bias)`` elementwise.
+
+    Args:
+        x: ``[..., F]`` (fp32, fp16 or bf16), e.g. the first FFN GEMM without its bias.
+        bias: ``[F]`` or ``None``.
+        act: an HF activation name (see the module docstring).
+        impl: see the module docstring.
+
+    Returns:
+        ``[..., F]`` in the dtype of ``x``.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    kind = canonical_activation(act)
+    if not torch.compiler.is_compiling():
+        if not x.is_floating_point():
+            raise ValueError(f"bias_act expects a floating-point x, got {x.dtype}")
+        if bias is not None and (bias.shape != (x.shape[-1],) or bias.dtype != x.dtype or bias.device != x.device):
+            raise ValueError(
+                f"bias must be [{x.shape[-1]}] {x.dtype} on {x.device}, got {tuple(bias.shape)} {bias.dtype} "
+                f"on {bias.device}"
+            )
+    if impl == "auto":
+        impl = "triton" if x.is_cuda and _kernel_reason(x, kind) is None else "torch"
+    if impl == "naive":
+        from trimformer.ops.activation.naive import naive_bias_act
+
+        return naive_bias_act(x, bias, act)
+    if impl == "torch":
+        return torch_bias_act(x, bias, kind)
+    reason = _kernel_reason(x, kind)
+    if reason is not None:
+        raise ValueError(f"impl='triton' cannot run bias_act: {reason}")
+    return _kernel_module().bias_act_fwd(x, bias, kind)
+
+
+def torch_bias_act(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """The ``"torch"`` implementation for a canonical ``kind`` (no validation)."""
+    h = x if bias is None else x + bias
+    inplace = h is not x and not h.requires_grad
+    if kind == "gelu_erf":
+        return F.gelu(h)
+    if kind == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if kind == "relu":
+        return F.relu(h, inplace=inplace)
+    if kind == "silu":
+        return F.silu(h, inplace=inplace)
+    if kind == "quick_gelu":
+        return h * torch.sigmoid(1.702 * h)
+    if kind == "tanh":
+        return torch.tanh_(h) if inplace else torch.tanh(h)
+    return h
+
+
+def _kernel_reason(x: torch.Tensor, kind: str) -> str | None:
+    """Why the fused kernel cannot take ``x`` here, or ``None`` when it can."""
+    kernel = _kernel_module()
+    if kernel is None:
+        return "the fused Triton bias+activation kernel is not available in this build"
+    if not (x.is_cuda or (os.environ.get("TRITON_INTERPRET", "0") == "1" and x.device.type == "cpu")):
+        return f"tensors on {x.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)"
+    return kernel.unsupported_reason(x, kind)
+
+
+@functools.cache
+def _kernel_module():
+    """The fused-kernel module, or ``None`` when this build has none (looked up once)."""
+    try:
+        return importlib.import_module(_KERNEL_MODULE)
+    except ImportError:
+        return None

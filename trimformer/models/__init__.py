@@ -1,0 +1,1 @@
+"""Whole models and HF weight loading. Encoders: :mod:`trimformer.models.encoders`."""

@@ -6,6 +6,11 @@
 * ``"triton"``: our Triton kernel; raises if it cannot run the input (never falls back silently);
 * ``"torch"``: PyTorch's kernels (bucketed SDPA on CPU, ``varlen_attn`` on CUDA);
 * ``"naive"``: the plain reference in ``naive.py`` (slow; for tests).
+
+The Triton varlen path is differentiable (``backward.py``) when autograd needs it; otherwise (inference,
+``torch.no_grad()``, inputs without ``requires_grad``) the forward kernel is launched directly, with no autograd
+bookkeeping and no logsumexp saved. The Triton kernels support fp16, bf16 and fp32 (bf16 not under the CPU
+interpreter) and head dims 1..256.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ def varlen_attention(
         impl: see the module docstring.
 
     Returns:
-        ``[T, Hq, D]`` in the dtype of ``q``.
+        ``[T, Hq, D]`` in the dtype of ``q``; differentiable with respect to q, k and v on every path.
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
@@ -86,6 +91,8 @@ def varlen_attention(
                 f"cu_seqlens must be a 1-D int32 tensor with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
                 f"{tuple(cu_seqlens.shape)}"
             )
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be on {q.device} like q, got {cu_seqlens.device}")
         if not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -118,6 +125,10 @@ def _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, scale):
     reason = _triton_unsupported_reason(q, k)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run this input: {reason}")
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        from trimformer.ops.attention.backward import varlen_attention_autograd
+
+        return varlen_attention_autograd(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     from trimformer.ops.attention import forward
 
     return forward.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
@@ -145,7 +156,8 @@ def kvcache_attention(
         scale: logit scale, default ``1/sqrt(D)``.
 
     Returns:
-        ``[B, Tq, Hq, D]``.
+        ``[B, Tq, Hq, D]``. The Triton path is inference-only: ``"auto"`` takes the PyTorch path when autograd
+        needs gradients, and an explicit ``"triton"`` then raises.
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
@@ -156,27 +168,40 @@ def kvcache_attention(
                 f"batch sizes differ: q {q.shape[0]}, cache {k_cache.shape[0]}, "
                 f"cache_seqlens {tuple(cache_seqlens.shape)}"
             )
+        if cache_seqlens.dtype not in (torch.int32, torch.int64) or cache_seqlens.device != q.device:
+            raise ValueError(
+                f"cache_seqlens must be an int32 tensor on {q.device}, "
+                f"got {cache_seqlens.dtype} on {cache_seqlens.device}"
+            )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
     if impl == "auto":
-        impl = "triton" if q.is_cuda and _decode_kernel_available() else "torch"
+        use_triton = q.is_cuda and not needs_grad and _decode_unsupported_reason(q, k_cache) is None
+        impl = "triton" if use_triton else "torch"
     if impl == "naive":
         from trimformer.ops.attention.naive import naive_kvcache_attention
 
         return naive_kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
     if impl == "torch":
         return torch_path.torch_kvcache_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
-    if not _decode_kernel_available():
-        raise ValueError("impl='triton' cannot run kvcache_attention: the Triton decode kernel is not available")
-    if not triton_runnable(q):
-        raise ValueError(f"impl='triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1), got {q.device}")
+    reason = "inputs require grad (the Triton decode kernel has no backward)" if needs_grad else None
+    reason = reason or _decode_unsupported_reason(q, k_cache)
+    if reason is not None:
+        raise ValueError(f"impl='triton' cannot run kvcache_attention: {reason}")
     from trimformer.ops.attention import decode
 
     return decode.kvcache_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale=scale)
 
 
-def _decode_kernel_available() -> bool:
+def _decode_unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
     try:
         from trimformer.ops.attention import decode  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "the Triton decode kernel is not available in this build"
+    if not triton_runnable(q):
+        return f"tensors on {q.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)"
+    if q.shape[0] > 65535 or k_cache.shape[2] > 65535:
+        return f"batch {q.shape[0]} or kv heads {k_cache.shape[2]} above 65535"
+    from trimformer.ops.attention import forward
+
+    return forward.unsupported_reason(q, k_cache)

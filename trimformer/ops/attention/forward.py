@@ -1,0 +1,288 @@
+"""Varlen flash-attention forward (Triton): bidirectional or causal, GQA, fp16/bf16/fp32, fp32 accumulation.
+
+Math (FlashAttention-2, Dao 2023): for each query tile the keys of its own sequence are streamed in blocks with an
+online softmax in base 2 (``log2(e)`` folded into the scale), so the score matrix never reaches memory. One program
+owns one ``(query tile, head, sequence)``; tiles past a sequence's end exit at once, so padding costs nothing but an
+empty program. Causal masks are applied only on the diagonal band of key blocks, the sequence-end mask only on the
+last block. When the longest sequence fits one key block (short sequences, as ByteTransformer's fused short-MHA
+kernel) the whole sequence is one tile and the softmax is computed directly, with no online rescaling loop.
+
+Head dims that are not powers of two are padded to the next power of two (at least 16) inside the tile with masked
+loads and stores. Packed layout: ``q [T, Hq, D]``, ``k, v [T, Hk, D]`` (any token/head strides, unit stride on
+``D``), ``cu_seqlens [N + 1]`` int32 on the device, ``max_seqlen`` a host int: no host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from trimformer.ops.triton_utils import dot_precision, interpreting, next_power_of_2, padded_head_dim
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+_MAX_GRID_YZ = 65535
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Launch configuration of the forward kernel (``block_n >= max_seqlen`` selects the single-tile path)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool) -> FwdConfig:
+    """Hand-picked configuration (measured on H100, see NOTES.md); small blocks under the interpreter."""
+    bd = padded_head_dim(head_dim)
+    if interpreting():
+        b = min(64, max(16, next_power_of_2(max_seqlen)))
+        return FwdConfig(b, b, 4, 1)
+    if max_seqlen <= 64 and bd <= 128:
+        b = max(16, next_power_of_2(max_seqlen))
+        return FwdConfig(b, b, 4, 1)
+    if max_seqlen <= 128 and bd <= 64:
+        return FwdConfig(64, 128, 4, 1)
+    if bd <= 64:
+        return FwdConfig(128, 64, 4, 3)
+    if bd <= 128:
+        return FwdConfig(128, 64, 8, 3)
+    return FwdConfig(64, 64, 4, 2)
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or ``None`` when they can.
+
+    Args:
+        q: ``[..., Hq, D]`` queries; k: ``[..., Hk, D]`` keys (validated for shape by ``api.py``).
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken; use float16 or float32)"
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        return f"head dim {d} (supported: 1..{MAX_HEAD_DIM})"
+    if q.shape[-2] > _MAX_GRID_YZ:
+        return f"{q.shape[-2]} query heads (at most {_MAX_GRID_YZ})"
+    return None
+
+
+@triton.jit
+def _fwd_block_loop(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    stride_kt,
+    stride_vt,
+    lo,
+    hi,
+    offs_m,
+    offs_n,
+    d_ok,
+    seqlen,
+    qk_scale,
+    BLOCK_N: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Online-softmax over key blocks ``[lo, hi)``; ``k_ptrs``/``v_ptrs`` point at key row ``lo``."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK_KEYS:
+            kmask = cols < seqlen
+            k = tl.load(k_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
+            v = tl.load(v_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BM, BN]
+        if CAUSAL_MASK:
+            s = tl.where((cols[None, :] <= offs_m[:, None]) & (cols[None, :] < seqlen), s, float("-inf"))
+        elif MASK_KEYS:
+            s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _varlen_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CU,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lh,
+    qk_scale,
+    n_m_blocks,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # heaviest (last) query tiles first: better load balance
+        pid_m = n_m_blocks - 1 - pid_m
+    hq = tl.program_id(1)
+    seq = tl.program_id(2)
+    bos = tl.load(CU + seq)
+    seqlen = tl.load(CU + seq + 1) - bos
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen:
+        return
+    kh = hq // GROUP
+    EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < seqlen
+    rows = (bos + offs_m).to(tl.int64)
+    q = tl.load(
+        Q + rows[:, None] * stride_qt + hq * stride_qh + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+    )  # [BM, BD]
+    kv_rows = (bos + offs_n).to(tl.int64)
+    k_ptrs = K + kv_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :]  # [BN, BD]
+    v_ptrs = V + kv_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :]
+    if SINGLE_TILE:
+        kmask = offs_n < seqlen
+        k = tl.load(k_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        valid = offs_n[None, :] < seqlen
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        m_i = tl.max(s, 1) * qk_scale
+        p = tl.exp2(s * qk_scale - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if CAUSAL:
+            mid = ((start_m + 1) // BLOCK_N) * BLOCK_N  # key blocks below it are fully visible to every row
+            hi = tl.minimum(start_m + BLOCK_M, seqlen)
+        else:
+            mid = (seqlen // BLOCK_N) * BLOCK_N  # full key blocks; the tail block is masked
+            hi = seqlen
+        acc, l_i, m_i = _fwd_block_loop(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, mid, offs_m, offs_n, d_ok, seqlen, qk_scale,
+            BLOCK_N, False, False, EVEN_D, DOT_PREC,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_block_loop(
+            acc, l_i, m_i, q, k_ptrs + mid.to(tl.int64) * stride_kt, v_ptrs + mid.to(tl.int64) * stride_vt,
+            stride_kt, stride_vt, mid, hi, offs_m, offs_n, d_ok, seqlen, qk_scale,
+            BLOCK_N, True, CAUSAL, EVEN_D, DOT_PREC,
+        )  # fmt: skip
+    acc = acc / l_i[:, None]
+    tl.store(
+        O + rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
+    if STORE_LSE:  # natural-log logsumexp of the scaled logits
+        tl.store(LSE + hq * stride_lh + bos + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_ok)
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def varlen_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    causal: bool,
+    scale: float,
+    return_lse: bool = False,
+    config: FwdConfig | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Launch the varlen forward kernel. Inputs are assumed validated by ``api.py``.
+
+    Args:
+        q: ``[T, Hq, D]``; k, v: ``[T, Hk, D]`` with ``Hq % Hk == 0``; fp16, bf16 or fp32; any token/head strides.
+        cu_seqlens: ``[N + 1]`` int32 on q's device.
+        max_seqlen: longest sequence (host int); sequences longer than it are computed only up to it.
+        causal: token ``i`` sees tokens ``<= i`` of its own sequence.
+        scale: logit scale.
+        return_lse: also return the natural-log logsumexp of the scaled logits, ``[Hq, T]`` fp32.
+        config: launch configuration override (benchmarks); default :func:`default_fwd_config`.
+
+    Returns:
+        ``out [T, Hq, D]`` (contiguous, dtype of q), or ``(out, lse)`` when ``return_lse``.
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    total, hq, d = q.shape
+    hk = k.shape[1]
+    out = torch.empty((total, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((hq, total), dtype=torch.float32, device=q.device) if return_lse else out
+    n_seq = cu_seqlens.numel() - 1
+    if total == 0 or n_seq == 0 or max_seqlen <= 0:
+        if return_lse:
+            lse.fill_(float("-inf"))
+            out.zero_()
+        return (out, lse) if return_lse else out
+    cfg = config or default_fwd_config(d, max_seqlen, causal)
+    n_m = triton.cdiv(max_seqlen, cfg.block_m)
+    qk_scale = scale * LOG2E
+    for s0 in range(0, n_seq, _MAX_GRID_YZ):
+        n = min(_MAX_GRID_YZ, n_seq - s0)
+        _varlen_fwd_kernel[(n_m, hq, n)](
+            q, k, v, out, lse, cu_seqlens[s0:],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0,
+            qk_scale, n_m,
+            GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            CAUSAL=bool(causal), SINGLE_TILE=cfg.block_n >= max_seqlen, STORE_LSE=return_lse,
+            DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def attention_flops(seqlens: list[int], heads: int, head_dim: int, *, causal: bool) -> float:
+    """Matmul FLOPs of one forward over sequences of these lengths (2 matmuls, causal halves the work)."""
+    pairs = sum(n * (n + 1) / 2 if causal else n * n for n in seqlens)
+    return 4.0 * pairs * heads * head_dim
+
+
+__all__ = ["FwdConfig", "attention_flops", "default_fwd_config", "unsupported_reason", "varlen_attention_fwd"]

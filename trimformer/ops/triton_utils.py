@@ -1,0 +1,43 @@
+"""Small helpers shared by the Triton launchers: interpreter detection, block sizing, device facts.
+
+Nothing here launches a kernel or reads device memory; every helper is host-only and cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def padded_head_dim(d: int) -> int:
+    """Tile width for a head dim ``d``: the next power of two, at least 16 (the smallest ``tl.dot`` size)."""
+    return max(16, next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs, the native tensor-core path otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a fixed 4 on the CPU interpreter); cached, no device sync."""
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,241 @@
+"""Public CCA / CCGQA functionals: validation, defaults and ``impl`` dispatch.
+
+The projections (GEMMs) and the attention core stay outside these ops; what sits between them is cut into two
+functionals so that one fused kernel can replace each:
+
+* :func:`cca_prologue`: packed tokens with ``cu_seqlens`` (prefill, chunked prefill, training): conv1 + conv2 +
+  qk-mean + QK-norm + temperature + partial RoPE, and the value shift, with optional initial and final
+  conv/value states so a chunk can resume where the previous one stopped;
+* :func:`cca_decode_prologue`: one token per sequence, states updated in place (static shapes, graph-capturable).
+
+``impl``: ``"auto"`` -> the vectorised PyTorch path (``torch_path.py``) until fused kernels exist;
+``"torch"`` -> the same; ``"naive"`` -> the per-document reference (``naive.py``); ``"triton"`` raises.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from trimformer.ops.cca import torch_path
+
+Impl = Literal["auto", "triton", "torch", "naive"]
+_IMPLS = ("auto", "triton", "torch", "naive")
+TEMPERATURE_MODES = ("linear", "exp")
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "triton":
+        raise ValueError("impl='triton': the Triton CCA kernels are not available in this build")
+    return "torch" if impl == "auto" else impl
+
+
+def _shape(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else tuple(t.shape)
+
+
+def _check_common(
+    m, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, hq, hk, temperature_mode
+) -> tuple[int, int]:
+    """Validate the arguments both prologues share; returns ``(C, P)``."""
+    if hq <= 0 or hk <= 0 or hq % hk:
+        raise ValueError(f"num_heads ({hq}) must be a positive multiple of num_kv_heads ({hk})")
+    if temperature_mode not in TEMPERATURE_MODES:
+        raise ValueError(f"temperature_mode must be one of {TEMPERATURE_MODES}, got {temperature_mode!r}")
+    if q0.dim() != 2 or q0.shape[-1] % hq:
+        raise ValueError(f"q0 must be [{m}, num_heads * head_dim] with num_heads={hq}, got {_shape(q0)}")
+    dh = q0.shape[-1] // hq
+    ck = hk * dh
+    if ck % 2:
+        raise ValueError(f"num_kv_heads * head_dim must be even for the two value halves, got {ck}")
+    expected = {"q0": (m, hq * dh), "k0": (m, ck), "v_cur": (m, ck // 2), "v_del": (m, ck // 2)}
+    for name, t in (("q0", q0), ("k0", k0), ("v_cur", v_cur), ("v_del", v_del)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must be {expected[name]}, got {_shape(t)}")
+        if t.dtype != q0.dtype or t.device != q0.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}; q0 is {q0.dtype} on {q0.device}")
+    c = hq * dh + ck
+    if w1 is None and w2 is not None:
+        raise ValueError("conv2_weight needs conv1_weight (the convolutions run conv1 then conv2)")
+    if w1 is not None and (w1.dim() != 2 or w1.shape[0] != c or w1.shape[1] < 1):
+        raise ValueError(f"conv1_weight must be [C={c}, k_seq], got {_shape(w1)}")
+    if w2 is not None and (w2.dim() != 3 or w2.shape[:2] != (c, dh) or w2.shape[2] < 1):
+        raise ValueError(f"conv2_weight must be [C={c}, head_dim={dh}, k_ch], got {_shape(w2)}")
+    for name, b, w in (("conv1_bias", b1, w1), ("conv2_bias", b2, w2)):
+        if b is not None and (w is None or tuple(b.shape) != (c,)):
+            raise ValueError(f"{name} must be [{c}] and needs its weight, got {_shape(b)}")
+    if tuple(temperature.shape) != (hk,):
+        raise ValueError(f"temperature must be [num_kv_heads={hk}], got {_shape(temperature)}")
+    if (cos is None) != (sin is None):
+        raise ValueError("cos and sin must be given together (or both None for no RoPE)")
+    if cos is not None:
+        if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != m or 2 * cos.shape[1] > dh:
+            raise ValueError(
+                f"cos/sin must be [{m}, rotary_dim // 2] with rotary_dim <= head_dim={dh}, got {_shape(cos)} and "
+                f"{_shape(sin)}"
+            )
+    k1 = w1.shape[-1] if w1 is not None else 1
+    k2 = w2.shape[-1] if w2 is not None else 1
+    return c, (k1 - 1) + (k2 - 1)
+
+
+def cca_prologue(
+    q0: torch.Tensor,
+    k0: torch.Tensor,
+    v_cur: torch.Tensor,
+    v_del: torch.Tensor,
+    conv1_weight: torch.Tensor | None,
+    conv1_bias: torch.Tensor | None,
+    conv2_weight: torch.Tensor | None,
+    conv2_bias: torch.Tensor | None,
+    temperature: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    qk_mean: bool = True,
+    value_shift: bool = True,
+    temperature_mode: str = "linear",
+    initial_conv_state: torch.Tensor | None = None,
+    initial_value_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """CCA prologue over packed documents: from projected latents to attention-ready ``q, k, v``.
+
+    Convolutions, value shift and (through ``cos``/``sin``) RoPE positions restart at every document boundary; a
+    document's left context is its initial state (zeros when none is given). With ``h = num_heads``,
+    ``h_k = num_kv_heads``, ``d_h = Cq / h``, ``Ck = h_k d_h``, ``C = Cq + Ck`` and ``P = (k_seq - 1) + (k_ch - 1)``
+    (``k_seq - 1`` with one conv, 0 with none):
+
+    Args:
+        q0: ``[T, Cq]`` query latents ``x W_Q`` (fp64/fp32/fp16/bf16).
+        k0: ``[T, Ck]`` key latents ``x W_K``.
+        v_cur: ``[T, Ck/2]`` current-token value projection ``x_t W_V``; fills kv heads ``[0, h_k/2)``.
+        v_del: ``[T, Ck/2]`` delayed value projection of each token ``x_t W_V' (+ b)``; token ``t`` uses row
+            ``t - 1`` (the value shift) for kv heads ``[h_k/2, h_k)``.
+        conv1_weight: ``[C, k_seq]`` depthwise causal conv over the sequence, or ``None`` for no convolution.
+        conv1_bias: ``[C]`` or ``None``.
+        conv2_weight: ``[C, d_h, k_ch]`` head-wise grouped conv (``groups = h + h_k``; the layout of
+            ``nn.Conv1d.weight``), or ``None`` for one convolution only. Requires ``conv1_weight``.
+        conv2_bias: ``[C]`` or ``None``.
+        temperature: ``[h_k]`` key temperature ``T``; ``beta = T`` ("linear", ZAYA1) or ``exp(T)`` ("exp").
+        cos, sin: ``[T, rotary_dim // 2]`` float32/64 from :func:`trimformer.ops.rope.rotary_cos_sin` at each
+            token's position, or both ``None`` for no RoPE.
+        cu_seqlens: ``[N + 1]`` int32 cumulative document lengths (empty documents allowed).
+        max_seqlen: longest document (host int; unused by the PyTorch path, kept for kernels).
+        num_heads, num_kv_heads: ``h`` and ``h_k`` (``h % h_k == 0``; query head ``i`` uses kv head ``i // g``).
+        qk_mean: add the pre-conv qk-mean skip (spec 1.5).
+        value_shift: shift ``v_del`` by one token; when False, ``v = [v_cur | v_del]`` of the same token.
+        temperature_mode: ``"linear"`` or ``"exp"``.
+        initial_conv_state: ``[N, C, P]`` the last ``P`` pre-conv rows ``[q0 | k0]`` before each document (oldest
+            first), or ``None`` for zeros.
+        initial_value_state: ``[N, Ck/2]`` the delayed value before each document (``v_del`` of the previous
+            token; at a sequence start that is the delayed projection's bias), or ``None`` for zeros.
+        return_final_state: also return the states after each document (to resume a later chunk).
+        impl: see the module docstring.
+
+    Returns:
+        ``(q, k, v, final)``: ``q [T, h, d_h]``, ``k [T, h_k, d_h]``, ``v [T, h_k, d_h]`` in the dtype of ``q0``
+        (norm, temperature and RoPE computed in float32, or float64 for float64 input), and ``final`` =
+        ``(conv_state [N, C, P], value_state [N, Ck/2])`` or ``None``.
+    """
+    impl = _resolve_impl(impl)
+    if not torch.compiler.is_compiling():
+        t = q0.shape[0]
+        c, pad = _check_common(t, q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
+                               temperature, cos, sin, num_heads, num_kv_heads, temperature_mode)  # fmt: skip
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be 1-D int32 with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
+                             f"{_shape(cu_seqlens)}")  # fmt: skip
+        if not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+        n = cu_seqlens.numel() - 1
+        ck = k0.shape[-1]
+        if initial_conv_state is not None and tuple(initial_conv_state.shape) != (n, c, pad):
+            raise ValueError(f"initial_conv_state must be [N={n}, C={c}, P={pad}], got {_shape(initial_conv_state)}")
+        if initial_value_state is not None and tuple(initial_value_state.shape) != (n, ck // 2):
+            raise ValueError(f"initial_value_state must be [N={n}, {ck // 2}], got {_shape(initial_value_state)}")
+        for name, s in (("initial_conv_state", initial_conv_state), ("initial_value_state", initial_value_state)):
+            if s is not None and s.dtype != q0.dtype:
+                raise ValueError(f"{name} must have the dtype of q0 ({q0.dtype}), got {s.dtype}")
+    args = (q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin,
+            cu_seqlens, max_seqlen)  # fmt: skip
+    kwargs = dict(
+        num_heads=num_heads, num_kv_heads=num_kv_heads, qk_mean=qk_mean, value_shift=value_shift,
+        temperature_mode=temperature_mode, initial_conv_state=initial_conv_state,
+        initial_value_state=initial_value_state, return_final_state=return_final_state,
+    )  # fmt: skip
+    if impl == "naive":
+        from trimformer.ops.cca.naive import naive_cca_prologue
+
+        return naive_cca_prologue(*args, **kwargs)
+    return torch_path.torch_cca_prologue(*args, **kwargs)
+
+
+def cca_decode_prologue(
+    q0: torch.Tensor,
+    k0: torch.Tensor,
+    v_cur: torch.Tensor,
+    v_del: torch.Tensor,
+    conv_state: torch.Tensor,
+    value_state: torch.Tensor,
+    conv1_weight: torch.Tensor | None,
+    conv1_bias: torch.Tensor | None,
+    conv2_weight: torch.Tensor | None,
+    conv2_bias: torch.Tensor | None,
+    temperature: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    qk_mean: bool = True,
+    value_shift: bool = True,
+    temperature_mode: str = "linear",
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CCA prologue for one new token per sequence, continuing from the per-sequence states (decode).
+
+    Equal to :func:`cca_prologue` on a batch of one-token documents with the states as initial states; the states
+    are then advanced **in place**: ``conv_state`` drops its oldest row and appends ``[q0 | k0]``, and
+    ``value_state`` becomes ``v_del``. Static shapes and no host reads, so the call can be captured in a CUDA graph.
+
+    Args:
+        q0, k0, v_cur, v_del: ``[B, Cq]``, ``[B, Ck]``, ``[B, Ck/2]``, ``[B, Ck/2]`` (see :func:`cca_prologue`).
+        conv_state: ``[B, C, P]`` last ``P`` pre-conv rows of each sequence (dtype of ``q0``); updated in place.
+        value_state: ``[B, Ck/2]`` previous token's ``v_del`` (dtype of ``q0``); updated in place.
+        conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature: as in :func:`cca_prologue`.
+        cos, sin: ``[B, rotary_dim // 2]`` at each sequence's new position, or both ``None``.
+        num_heads, num_kv_heads, qk_mean, value_shift, temperature_mode, impl: as in :func:`cca_prologue`.
+
+    Returns:
+        ``(q [B, h, d_h], k [B, h_k, d_h], v [B, h_k, d_h])``.
+    """
+    impl = _resolve_impl(impl)
+    if not torch.compiler.is_compiling():
+        b = q0.shape[0]
+        c, pad = _check_common(b, q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
+                               temperature, cos, sin, num_heads, num_kv_heads, temperature_mode)  # fmt: skip
+        ck = k0.shape[-1]
+        if tuple(conv_state.shape) != (b, c, pad) or conv_state.dtype != q0.dtype:
+            raise ValueError(f"conv_state must be [B={b}, C={c}, P={pad}] {q0.dtype}, got {_shape(conv_state)} "
+                             f"{conv_state.dtype}")  # fmt: skip
+        if tuple(value_state.shape) != (b, ck // 2) or value_state.dtype != q0.dtype:
+            raise ValueError(f"value_state must be [B={b}, {ck // 2}] {q0.dtype}, got {_shape(value_state)} "
+                             f"{value_state.dtype}")  # fmt: skip
+    args = (q0, k0, v_cur, v_del, conv_state, value_state, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
+            temperature, cos, sin)  # fmt: skip
+    kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, qk_mean=qk_mean, value_shift=value_shift,
+                  temperature_mode=temperature_mode)  # fmt: skip
+    if impl == "naive":
+        from trimformer.ops.cca.naive import naive_cca_decode_prologue
+
+        return naive_cca_decode_prologue(*args, **kwargs)
+    return torch_path.torch_cca_decode_prologue(*args, **kwargs)

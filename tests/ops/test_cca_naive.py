@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trimformer.ops.cca import cca_decode_prologue, cca_prologue, naive_cca_decode_prologue, naive_cca_prologue
+from trimformer.ops.cca import cca_decode_prologue, cca_prologue, naive_cca_prologue
 from trimformer.ops.rope import naive_apply_rotary, rotary_cos_sin
 from trimformer.testing import assert_close_budget
 

@@ -242,6 +242,21 @@ def test_gpu_forward_short_sequence_paths(max_len):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_forward_small_grid_uses_narrow_query_tiles(d, causal):
+    """One sequence and two heads: the default config shrinks the query tile below the key block."""
+    cfg = forward.default_fwd_config(d, 1000, causal, programs=2, sms=132)
+    assert cfg.block_m < cfg.block_n
+    lens = [1000]
+    q, k, v = _qkv(lens, 2, 1, d, torch.bfloat16, "cuda")
+    cu = _cu(lens, "cuda")
+    out = varlen_attention(q, k, v, cu, 1000, causal=causal, impl="triton")
+    ref = _ref(q, k, v, cu, 1000, causal)
+    assert_close_budget(out, ref, naive_varlen_attention(q, k, v, cu, 1000, causal=causal), name="small grid")
+
+
+@pytest.mark.gpu
 def test_gpu_forward_no_host_sync():
     lens = [5, 300, 77]
     q, k, v = _qkv(lens, 8, 2, 64, torch.float16, "cuda")

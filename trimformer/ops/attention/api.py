@@ -96,8 +96,11 @@ def varlen_attention(
         if not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if impl == "auto":
-        impl = "triton" if q.is_cuda and _triton_supports(q, k) else "torch"
+    if impl in ("auto", "triton"):
+        reason = _triton_unsupported_reason(q, k)
+        if impl == "triton" and reason is not None:
+            raise ValueError(f"impl='triton' cannot run this input: {reason}")
+        impl = "triton" if reason is None and (impl == "triton" or q.is_cuda) else "torch"
     if impl == "naive":
         from trimformer.ops.attention.naive import naive_varlen_attention
 
@@ -105,10 +108,6 @@ def varlen_attention(
     if impl == "torch":
         return torch_path.torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
     return _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
-
-
-def _triton_supports(q: torch.Tensor, k: torch.Tensor) -> bool:
-    return _triton_unsupported_reason(q, k) is None
 
 
 def _triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -122,9 +121,6 @@ def _triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 
 def _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, scale):
-    reason = _triton_unsupported_reason(q, k)
-    if reason is not None:
-        raise ValueError(f"impl='triton' cannot run this input: {reason}")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         from trimformer.ops.attention.backward import varlen_attention_autograd
 

@@ -46,10 +46,10 @@ def default_bwd_config(head_dim: int, max_seqlen: int) -> BwdConfig:
         b = min(32, max(16, next_power_of_2(max_seqlen)))
         return BwdConfig(b, b, b, b, 4, 1)
     if bd <= 64:
-        return BwdConfig(32, 128, 128, 32, 4, 3)
+        return BwdConfig(64, 64, 64, 64, 4, 3)
     if bd <= 128:
-        return BwdConfig(64, 64, 64, 64, 8, 2)
-    return BwdConfig(32, 64, 64, 32, 8, 1)
+        return BwdConfig(32, 64, 64, 32, 4, 3)
+    return BwdConfig(32, 32, 32, 32, 4, 2)
 
 
 @triton.jit

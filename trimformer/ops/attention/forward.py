@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import dot_precision, interpreting, next_power_of_2, padded_head_dim
+from trimformer.ops.triton_utils import dot_precision, interpreting, next_power_of_2, num_sms, padded_head_dim
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -37,22 +37,33 @@ class FwdConfig:
     num_stages: int
 
 
-def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool) -> FwdConfig:
-    """Hand-picked configuration (measured on H100, see NOTES.md); small blocks under the interpreter."""
+def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs: int = 0, sms: int = 0) -> FwdConfig:
+    """Hand-picked configuration (measured on H100, see NOTES.md); small blocks under the interpreter.
+
+    ``programs`` is ``sequences x query heads``; when ``programs x query tiles`` would leave SMs idle (small batches),
+    the query tile shrinks (down to 16 rows) so that every SM gets work.
+    """
     bd = padded_head_dim(head_dim)
     if interpreting():
         b = min(64, max(16, next_power_of_2(max_seqlen)))
         return FwdConfig(b, b, 4, 1)
-    if max_seqlen <= 64 and bd <= 128:
+    if bd <= 64 and max_seqlen <= 64:  # one tile holds the whole sequence
         b = max(16, next_power_of_2(max_seqlen))
-        return FwdConfig(b, b, 4, 1)
-    if max_seqlen <= 128 and bd <= 64:
-        return FwdConfig(64, 128, 4, 1)
-    if bd <= 64:
-        return FwdConfig(128, 64, 4, 3)
-    if bd <= 128:
-        return FwdConfig(128, 64, 8, 3)
-    return FwdConfig(64, 64, 4, 2)
+        cfg = FwdConfig(b, b, 4, 1)
+    elif bd <= 64 and max_seqlen <= 128:
+        cfg = FwdConfig(64, 128, 4, 2)
+    elif bd <= 64 and max_seqlen <= 256:
+        cfg = FwdConfig(64, 64, 4, 3)
+    elif bd <= 128:
+        cfg = FwdConfig(128, 64, 8, 3)
+    else:
+        cfg = FwdConfig(128, 64, 8, 2)
+    block_m = cfg.block_m
+    while block_m > 16 and programs * triton.cdiv(max_seqlen, block_m) < sms:
+        block_m //= 2
+    if block_m != cfg.block_m:
+        cfg = FwdConfig(block_m, cfg.block_n, min(cfg.num_warps, 4), cfg.num_stages)
+    return cfg
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -262,7 +273,7 @@ def varlen_attention_fwd(
             lse.fill_(float("-inf"))
             out.zero_()
         return (out, lse) if return_lse else out
-    cfg = config or default_fwd_config(d, max_seqlen, causal)
+    cfg = config or default_fwd_config(d, max_seqlen, causal, programs=n_seq * hq, sms=num_sms(q.device))
     n_m = triton.cdiv(max_seqlen, cfg.block_m)
     qk_scale = scale * LOG2E
     for s0 in range(0, n_seq, _MAX_GRID_YZ):

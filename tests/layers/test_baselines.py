@@ -47,8 +47,16 @@ def test_mha_gqa_match_hf_llama_attention(hq, hk, bias):
     hf_cfg._attn_implementation = "eager"
     hf = LlamaAttention(hf_cfg, 0).eval()
     randomize(hf)
-    cfg = AttentionConfig(kind="mha" if hq == hk else "gqa", hidden_size=E, num_heads=hq, num_kv_heads=hk,
-                          head_dim=d, bias=bias, rope_theta=500.0, rope_fraction=1.0)  # fmt: skip
+    cfg = AttentionConfig(
+        kind="mha" if hq == hk else "gqa",
+        hidden_size=E,
+        num_heads=hq,
+        num_kv_heads=hk,
+        head_dim=d,
+        bias=bias,
+        rope_theta=500.0,
+        rope_fraction=1.0,
+    )
     ours = GroupedQueryAttention(cfg)
     ours.load_state_dict(hf.state_dict())  # same parameter names
     assert sum(p.numel() for p in ours.parameters()) == attention_params(cfg)
@@ -67,15 +75,33 @@ def test_mha_gqa_match_hf_llama_attention(hq, hk, bias):
 def test_mla_matches_hf_deepseek_v3_attention(q_lora_rank, bias):
     h, d, dr, r = 4, 8, 4, 16
     hf_cfg = DeepseekV3Config(
-        hidden_size=E, num_attention_heads=h, num_key_value_heads=h, q_lora_rank=q_lora_rank or None,
-        kv_lora_rank=r, qk_rope_head_dim=dr, qk_nope_head_dim=d, v_head_dim=d, rope_interleave=False,
-        attention_bias=bias, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
-    )  # fmt: skip
+        hidden_size=E,
+        num_attention_heads=h,
+        num_key_value_heads=h,
+        q_lora_rank=q_lora_rank or None,
+        kv_lora_rank=r,
+        qk_rope_head_dim=dr,
+        qk_nope_head_dim=d,
+        v_head_dim=d,
+        rope_interleave=False,
+        attention_bias=bias,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    )
     hf_cfg._attn_implementation = "eager"
     hf = DeepseekV3Attention(hf_cfg, 0).eval()
     randomize(hf)
-    cfg = AttentionConfig(kind="mla", hidden_size=E, num_heads=h, head_dim=d, kv_lora_rank=r,
-                          q_lora_rank=q_lora_rank, rope_head_dim=dr, bias=bias, rope_theta=500.0)  # fmt: skip
+    cfg = AttentionConfig(
+        kind="mla",
+        hidden_size=E,
+        num_heads=h,
+        head_dim=d,
+        kv_lora_rank=r,
+        q_lora_rank=q_lora_rank,
+        rope_head_dim=dr,
+        bias=bias,
+        rope_theta=500.0,
+    )
     ours = build_attention(cfg)
     rename = {"kv_a_proj_with_mqa": "kv_a_proj", "q_a_layernorm": "q_a_norm", "kv_a_layernorm": "kv_a_norm"}
     sd = {}
@@ -100,8 +126,16 @@ def test_mla_matches_hf_deepseek_v3_attention(q_lora_rank, bias):
 @pytest.mark.parametrize("kind", ["mha", "gqa", "mla"])
 def test_packed_documents_equal_separate_runs(kind):
     hk = {"mha": 4, "gqa": 2, "mla": 4}[kind]
-    cfg = AttentionConfig(kind=kind, hidden_size=E, num_heads=4, num_kv_heads=hk, head_dim=8, kv_lora_rank=16,
-                          rope_head_dim=4, rope_fraction=0.5)  # fmt: skip
+    cfg = AttentionConfig(
+        kind=kind,
+        hidden_size=E,
+        num_heads=4,
+        num_kv_heads=hk,
+        head_dim=8,
+        kv_lora_rank=16,
+        rope_head_dim=4,
+        rope_fraction=0.5,
+    )
     layer = build_attention(cfg).double()
     randomize(layer)
     lens = [5, 1, 8, 3]

@@ -15,8 +15,17 @@ F64 = torch.float64
 
 
 def tiny(kind="ccgqa", **kw):
-    base = dict(kind=kind, hidden_size=24, num_heads=4, num_kv_heads=2 if kind == "ccgqa" else 4, head_dim=6,
-                rope_fraction=2 / 3, bias=True, conv_kernel_seq=2, conv_kernel_ch=3)  # fmt: skip
+    base = dict(
+        kind=kind,
+        hidden_size=24,
+        num_heads=4,
+        num_kv_heads=2 if kind == "ccgqa" else 4,
+        head_dim=6,
+        rope_fraction=2 / 3,
+        bias=True,
+        conv_kernel_seq=2,
+        conv_kernel_ch=3,
+    )
     return AttentionConfig(**{**base, **kw})
 
 
@@ -33,8 +42,15 @@ def randomized(config, dtype=F64, seed=0):
 def test_parameter_formula(hq, hk, dh, k1, k2):
     """Spec test 1: projections 2E^2/C1 + 2E^2/C2, convs (Cq+Ck)(k_seq+1) + (Cq+Ck)(d_h k_ch+1), h_k temperatures."""
     e = 2048
-    cfg = AttentionConfig(kind="cca" if hq == hk else "ccgqa", hidden_size=e, num_heads=hq, num_kv_heads=hk,
-                          head_dim=dh, conv_kernel_seq=k1, conv_kernel_ch=k2)  # fmt: skip
+    cfg = AttentionConfig(
+        kind="cca" if hq == hk else "ccgqa",
+        hidden_size=e,
+        num_heads=hq,
+        num_kv_heads=hk,
+        head_dim=dh,
+        conv_kernel_seq=k1,
+        conv_kernel_ch=k2,
+    )
     layer = CCAttention(cfg, device="meta")
     c1, c2 = e / (hq * dh), e / (hk * dh)
     c = hq * dh + hk * dh
@@ -48,8 +64,17 @@ def test_parameter_formula(hq, hk, dh, k1, k2):
 @pytest.mark.parametrize("mode", ["linear", "exp"])
 def test_gradcheck_every_parameter(mode):
     """Spec test 9: fp64 gradcheck of the whole layer over every parameter (convs, biases, temperature) and input."""
-    cfg = AttentionConfig(kind="ccgqa", hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4, bias=True,
-                          conv_kernel_ch=2, rope_fraction=0.5, temperature_mode=mode)  # fmt: skip
+    cfg = AttentionConfig(
+        kind="ccgqa",
+        hidden_size=8,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        bias=True,
+        conv_kernel_ch=2,
+        rope_fraction=0.5,
+        temperature_mode=mode,
+    )
     layer = randomized(cfg)
     names = [n for n, _ in layer.named_parameters()]
     assert {"conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "temperature"} <= set(names)

@@ -29,9 +29,20 @@ def make_inputs(hq=4, hk=2, dh=8, lens=(5, 3), k1=2, k2=2, num_convs=2, rotary_d
     b2 = r(c) if (num_convs == 2 and conv_bias) else None
     temp = torch.rand(hk, dtype=dtype) + 0.5
     return dict(
-        q0=r(t, cq), k0=r(t, ck), v_cur=r(t, ck // 2), v_del=r(t, ck // 2), conv1_weight=w1, conv1_bias=b1,
-        conv2_weight=w2, conv2_bias=b2, temperature=temp, cos=cos, sin=sin, cu_seqlens=cu, max_seqlen=max(lens),
-    )  # fmt: skip
+        q0=r(t, cq),
+        k0=r(t, ck),
+        v_cur=r(t, ck // 2),
+        v_del=r(t, ck // 2),
+        conv1_weight=w1,
+        conv1_bias=b1,
+        conv2_weight=w2,
+        conv2_bias=b2,
+        temperature=temp,
+        cos=cos,
+        sin=sin,
+        cu_seqlens=cu,
+        max_seqlen=max(lens),
+    )
 
 
 def spec_reference(inp, hq, hk, temperature_mode="linear"):
@@ -159,8 +170,10 @@ def test_torch_path_matches_reference(case, with_state):
     pad = (k1 - 1) * (nconv >= 1) + (k2 - 1) * (nconv == 2)
     kw = dict(num_heads=hq, num_kv_heads=hk, qk_mean=qk_mean, value_shift=vshift, return_final_state=True)
     if with_state:
-        kw.update(initial_conv_state=torch.randn(5, c, pad, dtype=F64),
-                  initial_value_state=torch.randn(5, hk * dh // 2, dtype=F64))  # fmt: skip
+        kw.update(
+            initial_conv_state=torch.randn(5, c, pad, dtype=F64),
+            initial_value_state=torch.randn(5, hk * dh // 2, dtype=F64),
+        )
     ref = cca_prologue(**inp, **kw, impl="naive")
     out = cca_prologue(**inp, **kw, impl="torch")
     for a, b in zip([*out[:3], *out[3]], [*ref[:3], *ref[3]]):
@@ -178,8 +191,15 @@ def test_chunks_resume_from_state(impl):
     for lo, hi in [(0, 1), (1, 5), (5, 9)]:  # chunks shorter and longer than P = 3
         part = {k: (v[lo:hi] if k in ("q0", "k0", "v_cur", "v_del", "cos", "sin") else v) for k, v in inp.items()}
         part["cu_seqlens"] = torch.tensor([0, hi - lo], dtype=torch.int32)
-        q, k, v, final = cca_prologue(**part, num_heads=hq, num_kv_heads=hk, initial_conv_state=state[0],
-                                      initial_value_state=state[1], return_final_state=True, impl=impl)  # fmt: skip
+        q, k, v, final = cca_prologue(
+            **part,
+            num_heads=hq,
+            num_kv_heads=hk,
+            initial_conv_state=state[0],
+            initial_value_state=state[1],
+            return_final_state=True,
+            impl=impl,
+        )
         outs.append((q, k, v))
         state = final
     for i in range(3):
@@ -203,10 +223,20 @@ def test_decode_prologue_continues_prefill(impl, nconv):
     step = {k: inp[k][last] for k in ("q0", "k0", "v_cur", "v_del")}
     cos, sin = (inp["cos"][last], inp["sin"][last])
     conv_before = conv_state.clone()
-    q, k, v = cca_decode_prologue(**step, conv_state=conv_state, value_state=value_state,
-                                  conv1_weight=inp["conv1_weight"], conv1_bias=inp["conv1_bias"],
-                                  conv2_weight=inp["conv2_weight"], conv2_bias=inp["conv2_bias"],
-                                  temperature=inp["temperature"], cos=cos, sin=sin, **kw, impl=impl)  # fmt: skip
+    q, k, v = cca_decode_prologue(
+        **step,
+        conv_state=conv_state,
+        value_state=value_state,
+        conv1_weight=inp["conv1_weight"],
+        conv1_bias=inp["conv1_bias"],
+        conv2_weight=inp["conv2_weight"],
+        conv2_bias=inp["conv2_bias"],
+        temperature=inp["temperature"],
+        cos=cos,
+        sin=sin,
+        **kw,
+        impl=impl,
+    )
     assert cu.tolist() == [0, n, 2 * n + 1]
     for a, b in zip((q, k, v), full[:3]):
         torch.testing.assert_close(a, b[last], rtol=0, atol=1e-12)
@@ -227,8 +257,9 @@ def test_gradcheck_every_input(mode):
 
     def fn(*tensors):
         args = {**inp, **dict(zip(names, tensors))}
-        q, k, v, (cs, vs) = cca_prologue(**args, num_heads=hq, num_kv_heads=hk, temperature_mode=mode,
-                                         return_final_state=True, impl="torch")  # fmt: skip
+        q, k, v, (cs, vs) = cca_prologue(
+            **args, num_heads=hq, num_kv_heads=hk, temperature_mode=mode, return_final_state=True, impl="torch"
+        )
         return q, k, v, cs, vs
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
@@ -274,5 +305,12 @@ def test_bad_inputs_raise():
     step = {k: inp[k][:2] for k in ("q0", "k0", "v_cur", "v_del")}
     rest = {k: inp[k] for k in ("conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "temperature")}
     with pytest.raises(ValueError, match="conv_state must be"):
-        cca_decode_prologue(**step, **rest, conv_state=torch.zeros(2, 48, 1, dtype=F64),
-                            value_state=torch.zeros(2, 8, dtype=F64), cos=None, sin=None, **kw)  # fmt: skip
+        cca_decode_prologue(
+            **step,
+            **rest,
+            conv_state=torch.zeros(2, 48, 1, dtype=F64),
+            value_state=torch.zeros(2, 8, dtype=F64),
+            cos=None,
+            sin=None,
+            **kw,
+        )

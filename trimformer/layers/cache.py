@@ -20,6 +20,7 @@ The layers never read ``seqlens`` back to the host; instead each entry keeps a h
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from trimformer.layers.cca import AttentionConfig
 
 
-class _LayerCacheBase:
+class _LayerCacheBase(ABC):
     """Shared bookkeeping: ``seqlens`` ``[B]`` int32 on the device and the host bound ``reserved``."""
 
     seqlens: torch.Tensor
@@ -74,8 +75,9 @@ class _LayerCacheBase:
         for t in self._tensors():
             t[rows] = 0
 
+    @abstractmethod
     def _tensors(self) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Every state tensor of the entry (zeroed by :meth:`reset`, counted by ``nbytes``)."""
 
 
 class KVCacheLayer(_LayerCacheBase):

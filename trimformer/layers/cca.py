@@ -21,6 +21,7 @@ The CCA math follows ``cca-spec.md`` sections 1-2 (see ``trimformer/ops/cca``); 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -203,7 +204,7 @@ def token_rows(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor,
     return rows, torch.arange(num_tokens, device=cu.device) - cu[rows], lengths
 
 
-class AttentionBase(nn.Module):
+class AttentionBase(nn.Module, ABC):
     """Input handling shared by every attention layer; subclasses implement ``_forward_packed``/``_forward_cached``."""
 
     def __init__(self, config: AttentionConfig, impl: str = "auto") -> None:
@@ -237,8 +238,10 @@ class AttentionBase(nn.Module):
             ``y`` in the layout of ``x`` (zeros at padding positions).
         """
         p = self._pack(x, attention_mask, cu_seqlens, max_seqlen, cache)
+        if p.x.shape[0] == 0:  # no real token anywhere: nothing to compute, nothing to cache
+            return p.restore(p.x)
         if cache is None:
-            rows, offsets, _ = token_rows(p.cu_seqlens, p.x.shape[0])
+            _, offsets, _ = token_rows(p.cu_seqlens, p.x.shape[0])
             y = self._forward_packed(p.x, p.cu_seqlens, p.max_seqlen, offsets)
         else:
             if not isinstance(cache, AttentionCache) or not 0 <= layer_idx < len(cache.layers):
@@ -307,10 +310,6 @@ class AttentionBase(nn.Module):
         wide = torch.float64 if dtype == torch.float64 else torch.float32
         return rotary_cos_sin(positions, rotary_dim, self.config.rope_theta, dtype=wide)
 
-    @property
-    def _attn_impl(self) -> str:
-        return self.impl
-
     def _cached_attention(self, q, k_cache, v_cache, plan: _CachePlan, scale: float) -> torch.Tensor:
         """Attention of the packed queries ``q [T, H, D]`` over a cache; returns ``[T, H, D]``."""
         if plan.decode:
@@ -318,14 +317,16 @@ class AttentionBase(nn.Module):
         else:
             qd = q.new_zeros(k_cache.shape[0], plan.width, *q.shape[1:])
             qd[plan.rows, plan.slots] = q
-        out = kvcache_attention(qd, k_cache, v_cache, plan.new_seqlens, scale=scale, impl=self._attn_impl)
+        out = kvcache_attention(qd, k_cache, v_cache, plan.new_seqlens, scale=scale, impl=self.impl)
         return out[:, 0] if plan.decode else out[plan.rows, plan.slots]
 
+    @abstractmethod
     def _forward_packed(self, x, cu_seqlens, max_seqlen, positions) -> torch.Tensor:
-        raise NotImplementedError
+        """Packed ``x [T, E]`` without a cache; ``positions [T]`` restart per sequence. Returns ``[T, E]``."""
 
+    @abstractmethod
     def _forward_cached(self, x, plan: _CachePlan, state) -> torch.Tensor:
-        raise NotImplementedError
+        """Packed ``x [T, E]`` appended to the cache entry ``state`` as ``plan`` says. Returns ``[T, E]``."""
 
     def extra_repr(self) -> str:
         c = self.config
@@ -390,10 +391,6 @@ class CCAttention(AttentionBase):
                 b.zero_()
         self.temperature.fill_(1.0 if self.config.temperature_mode == "linear" else 0.0)
 
-    @property
-    def _op_impl(self) -> str:
-        return self.impl
-
     def _projections(self, x: torch.Tensor):
         return self.q_proj(x), self.k_proj(x), self.v_proj_current(x), self.v_proj_delayed(x)
 
@@ -410,7 +407,7 @@ class CCAttention(AttentionBase):
             qk_mean=c.qk_mean,
             value_shift=c.value_shift,
             temperature_mode=c.temperature_mode,
-            impl=self._op_impl,
+            impl=self.impl,
         )
 
     def _conv_params(self):

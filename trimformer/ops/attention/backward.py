@@ -37,6 +37,7 @@ class BwdConfig:
     block_n2: int
     num_warps: int
     num_stages: int
+    num_warps_dq: int | None = None  # the dQ kernel's warps when they differ from the dK/dV kernel's
 
 
 def default_bwd_config(head_dim: int, max_seqlen: int) -> BwdConfig:
@@ -49,7 +50,7 @@ def default_bwd_config(head_dim: int, max_seqlen: int) -> BwdConfig:
         return BwdConfig(64, 64, 64, 64, 4, 3)
     if bd <= 128:
         return BwdConfig(32, 64, 64, 32, 4, 3)
-    return BwdConfig(32, 32, 32, 32, 4, 2)
+    return BwdConfig(32, 32, 64, 32, 4, 2)
 
 
 @triton.jit
@@ -294,8 +295,8 @@ def varlen_attention_bwd(
         _bwd_dq_kernel[(n_m, hq, n)](
             q, k, v, dout, lse, delta, dq, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-            qk_scale, scale, n_m, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **common,
+            qk_scale, scale, n_m, BLOCK_M=cfg.block_m2, BLOCK_N=cfg.block_n2,
+            num_warps=cfg.num_warps_dq or cfg.num_warps, num_stages=cfg.num_stages, **common,
         )  # fmt: skip
     return dq, dk, dv
 

@@ -52,7 +52,7 @@ def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs
         cfg = FwdConfig(b, b, 4, 1)
     elif bd <= 64 and max_seqlen <= 128:
         cfg = FwdConfig(64, 128, 4, 2)
-    elif bd <= 64 and max_seqlen <= 256:
+    elif bd <= 64 and max_seqlen <= 384:
         cfg = FwdConfig(64, 64, 4, 3)
     elif bd <= 128:
         cfg = FwdConfig(128, 64, 8, 3)

@@ -193,11 +193,12 @@ def _bt_part(args, rec, log, md):
             g = [gmed.get(n, float("nan")) for n in main]
             gtable.append([b, s, total, *g, g[2] / g[3], g[1] / g[3], g[0] / g[3], flops / (g[3] * 1e-3) / 1e12])
             if b == 16:
-                for n in main:
-                    if n in med:
-                        plot.setdefault(n, ([], []))
-                        plot[n][0].append(s)
-                        plot[n][1].append(med[n])
+                for metric, values in (("graph", gmed), ("per-call", med)):
+                    for n in main:
+                        if n in values:
+                            xs, ys = plot.setdefault(metric, {}).setdefault(n, ([], []))
+                            xs.append(s)
+                            ys.append(values[n])
     headers = ["B", "S", "tokens", "unfused ms", "SDPA padded ms", "varlen_attn ms", "ours ms", "varlen/ours",
                "SDPA/ours", "unfused/ours", "ours TFLOP/s"]  # fmt: skip
     md.append("## MHA-only microbenchmark (ByteTransformer P2): 12x64 heads, fp16, lengths U[0.2S, S]\n\n")
@@ -207,8 +208,13 @@ def _bt_part(args, rec, log, md):
         "\nBack to back inside one CUDA graph (`do_bench_cudagraph`: no launch overhead, inputs may sit in L2):\n\n"
     )
     md.append(markdown_table(headers, gtable))
-    if plot:
-        line_plot(rec.out_dir / "attention-kernel-bt.png", plot, title="MHA only, B=16, 12x64, fp16",
+    titles = {
+        "graph": ("attention-kernel-bt.png", "in a CUDA graph (kernel time)"),
+        "per-call": ("attention-kernel-bt-percall.png", "per eager call, L2 flushed (incl. host launch)"),
+    }
+    for metric, series in plot.items():
+        name, what = titles[metric]
+        line_plot(rec.out_dir / name, series, title=f"MHA only, B=16, 12x64, fp16: {what}",
                   xlabel="max sequence length S", ylabel="ms (median)", logy=True)  # fmt: skip
 
 

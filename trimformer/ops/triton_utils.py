@@ -11,9 +11,18 @@ import os
 import torch
 
 
+@functools.cache
 def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Read once, like Triton itself, which decides at ``@triton.jit`` decoration time.
+    """
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints (``triton.cdiv`` called from Python is a slow JIT-function call)."""
+    return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:

@@ -15,6 +15,7 @@ interpreter) and head dims 1..256.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from typing import Literal
@@ -110,10 +111,24 @@ def varlen_attention(
     return _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
 
 
+_KERNELS: dict[str, object] = {}  # kernel modules imported once, on first use (after TRITON_INTERPRET is settled)
+
+
+def _kernel_module(name: str):
+    """``trimformer.ops.attention.<name>`` (forward, backward, decode), or ``None`` when Triton is unavailable."""
+    mod = _KERNELS.get(name)
+    if mod is None:
+        try:
+            mod = importlib.import_module(f"trimformer.ops.attention.{name}")
+        except ImportError:
+            return None
+        _KERNELS[name] = mod
+    return mod
+
+
 def _triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
-    try:
-        from trimformer.ops.attention import forward  # noqa: F401
-    except ImportError:
+    forward = _kernel_module("forward")
+    if forward is None:
         return "the Triton attention kernel is not available in this build"
     if not triton_runnable(q):
         return f"tensors on {q.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)"
@@ -122,12 +137,10 @@ def _triton_unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
 
 def _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal, scale):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        from trimformer.ops.attention.backward import varlen_attention_autograd
-
-        return varlen_attention_autograd(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
-    from trimformer.ops.attention import forward
-
-    return forward.varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+        return _kernel_module("backward").varlen_attention_autograd(
+            q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale
+        )
+    return _kernel_module("forward").varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
 
 
 def kvcache_attention(
@@ -184,20 +197,14 @@ def kvcache_attention(
     reason = reason or _decode_unsupported_reason(q, k_cache)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run kvcache_attention: {reason}")
-    from trimformer.ops.attention import decode
-
-    return decode.kvcache_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale=scale)
+    return _kernel_module("decode").kvcache_attention_fwd(q, k_cache, v_cache, cache_seqlens, scale=scale)
 
 
 def _decode_unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
-    try:
-        from trimformer.ops.attention import decode  # noqa: F401
-    except ImportError:
+    if _kernel_module("decode") is None:
         return "the Triton decode kernel is not available in this build"
     if not triton_runnable(q):
         return f"tensors on {q.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)"
     if q.shape[0] > 65535 or k_cache.shape[2] > 65535:
         return f"batch {q.shape[0]} or kv heads {k_cache.shape[2]} above 65535"
-    from trimformer.ops.attention import forward
-
-    return forward.unsupported_reason(q, k_cache)
+    return _kernel_module("forward").unsupported_reason(q, k_cache)

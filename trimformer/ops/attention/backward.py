@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from trimformer.ops.attention.forward import LOG2E, varlen_attention_fwd
-from trimformer.ops.triton_utils import dot_precision, interpreting, next_power_of_2, padded_head_dim
+from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2, padded_head_dim
 
 _MAX_GRID_YZ = 65535
 
@@ -275,18 +275,18 @@ def varlen_attention_bwd(
     bd = padded_head_dim(d)
     delta = torch.empty((hq, total), dtype=torch.float32, device=q.device)
     block_t = 64 if interpreting() else max(16, 8192 // bd)
-    _bwd_delta_kernel[(triton.cdiv(total, block_t), hq)](
+    _bwd_delta_kernel[(cdiv(total, block_t), hq)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
         HEAD_DIM=d, BLOCK_T=block_t, BLOCK_D=bd,
     )  # fmt: skip
     lse = lse.contiguous()
     qk_scale = scale * LOG2E
     common = dict(GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=bd, CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
-    n_m = triton.cdiv(max_seqlen, cfg.block_m2)
+    n_m = cdiv(max_seqlen, cfg.block_m2)
     for s0 in range(0, n_seq, _MAX_GRID_YZ):
         n = min(_MAX_GRID_YZ, n_seq - s0)
-        cu = cu_seqlens[s0:]
-        _bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg.block_n1), hk, n)](
+        cu = cu_seqlens if s0 == 0 else cu_seqlens[s0:]
+        _bwd_dkdv_kernel[(cdiv(max_seqlen, cfg.block_n1), hk, n)](
             q, k, v, dout, lse, delta, dk, dv, cu, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), lse.stride(0),
             qk_scale, scale, BLOCK_M=cfg.block_m1, BLOCK_N=cfg.block_n1, num_warps=cfg.num_warps,

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from trimformer.ops.attention.forward import LOG2E
-from trimformer.ops.triton_utils import dot_precision, interpreting, next_power_of_2, num_sms, padded_head_dim
+from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2, num_sms, padded_head_dim
 
 
 @triton.jit
@@ -119,10 +119,10 @@ def _decode_combine_kernel(OPART, LPART, SEQLENS, O, stride_ob, stride_ot, strid
 
 def decode_num_splits(batch: int, kv_heads: int, s_max: int, block_n: int, sms: int) -> tuple[int, int]:
     """``(n_splits, chunk)``: enough programs to fill ~2 waves of ``sms``, each split at least 4 key blocks."""
-    n_blocks = triton.cdiv(max(s_max, 1), block_n)
-    want = max(1, min(triton.cdiv(2 * sms, max(batch * kv_heads, 1)), triton.cdiv(n_blocks, 4)))
-    chunk = triton.cdiv(n_blocks, want) * block_n
-    return triton.cdiv(max(s_max, 1), chunk), chunk
+    n_blocks = cdiv(max(s_max, 1), block_n)
+    want = max(1, min(cdiv(2 * sms, max(batch * kv_heads, 1)), cdiv(n_blocks, 4)))
+    chunk = cdiv(n_blocks, want) * block_n
+    return cdiv(max(s_max, 1), chunk), chunk
 
 
 def kvcache_attention_fwd(
@@ -162,12 +162,12 @@ def kvcache_attention_fwd(
     bd = padded_head_dim(d)
     block_n = 32 if interpreting() or bd > 128 else 64
     block_m = min(128, max(16, next_power_of_2(tq * group)))
-    n_rb = triton.cdiv(tq * group, block_m)
+    n_rb = cdiv(tq * group, block_m)
     if num_splits is None:
         n_splits, chunk = decode_num_splits(bsz, hk, s_max, block_n, num_sms(q.device))
     else:
-        chunk = triton.cdiv(triton.cdiv(s_max, max(1, num_splits)), block_n) * block_n
-        n_splits = triton.cdiv(s_max, chunk)
+        chunk = cdiv(cdiv(s_max, max(1, num_splits)), block_n) * block_n
+        n_splits = cdiv(s_max, chunk)
     split = n_splits > 1
     opart = torch.empty((bsz, hq, tq, n_splits, d), dtype=torch.float32, device=q.device) if split else out
     lpart = torch.empty((bsz, hq, tq, n_splits), dtype=torch.float32, device=q.device) if split else out

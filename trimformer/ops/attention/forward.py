@@ -14,13 +14,14 @@ loads and stores. Packed layout: ``q [T, Hq, D]``, ``k, v [T, Hk, D]`` (any toke
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import dot_precision, interpreting, next_power_of_2, num_sms, padded_head_dim
+from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2, num_sms, padded_head_dim
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -37,6 +38,7 @@ class FwdConfig:
     num_stages: int
 
 
+@functools.lru_cache(maxsize=256)
 def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs: int = 0, sms: int = 0) -> FwdConfig:
     """Hand-picked configuration (measured on H100, see NOTES.md); small blocks under the interpreter.
 
@@ -59,7 +61,7 @@ def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs
     else:
         cfg = FwdConfig(128, 64, 8, 2)
     block_m = cfg.block_m
-    while block_m > 16 and programs * triton.cdiv(max_seqlen, block_m) < sms:
+    while block_m > 16 and programs * cdiv(max_seqlen, block_m) < sms:
         block_m //= 2
     if block_m != cfg.block_m:
         cfg = FwdConfig(block_m, cfg.block_n, min(cfg.num_warps, 4), cfg.num_stages)
@@ -274,12 +276,12 @@ def varlen_attention_fwd(
             out.zero_()
         return (out, lse) if return_lse else out
     cfg = config or default_fwd_config(d, max_seqlen, causal, programs=n_seq * hq, sms=num_sms(q.device))
-    n_m = triton.cdiv(max_seqlen, cfg.block_m)
+    n_m = cdiv(max_seqlen, cfg.block_m)
     qk_scale = scale * LOG2E
     for s0 in range(0, n_seq, _MAX_GRID_YZ):
         n = min(_MAX_GRID_YZ, n_seq - s0)
         _varlen_fwd_kernel[(n_m, hq, n)](
-            q, k, v, out, lse, cu_seqlens[s0:],
+            q, k, v, out, lse, cu_seqlens if s0 == 0 else cu_seqlens[s0:],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0,
             qk_scale, n_m,

@@ -59,6 +59,11 @@ def _version(dist: str) -> str:
 
 
 def git_sha() -> str:
+    """Short commit of the checkout (``+dirty`` when tracked files changed); ``TRIMFORMER_GIT_SHA`` overrides it
+    for copies of the tree without ``.git`` (e.g. on a remote GPU box)."""
+    override = os.environ.get("TRIMFORMER_GIT_SHA")
+    if override:
+        return override
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=repo_root(), capture_output=True, text=True, timeout=5

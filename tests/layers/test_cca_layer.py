@@ -204,8 +204,8 @@ def test_impls_and_config_serialisation():
     naive.load_state_dict(layer.state_dict())
     torch.testing.assert_close(naive(x), layer(x), rtol=0, atol=1e-12)
     triton = CCAttention(cfg, impl="triton").double()
-    with pytest.raises(ValueError, match="the Triton CCA kernels are not available"):
-        triton(x)
+    with pytest.raises(ValueError, match="impl='triton' cannot run this CCA prologue: dtype torch.float64"):
+        triton(x)  # an explicit "triton" never falls back
     assert AttentionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 

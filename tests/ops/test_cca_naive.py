@@ -282,8 +282,8 @@ def test_low_precision_within_budget_of_reference(dtype):
 def test_bad_inputs_raise():
     inp = make_inputs()
     kw = dict(num_heads=4, num_kv_heads=2)
-    with pytest.raises(ValueError, match="the Triton CCA kernels are not available"):
-        cca_prologue(**inp, **kw, impl="triton")
+    with pytest.raises(ValueError, match="impl='triton' cannot run this CCA prologue: dtype torch.float64"):
+        cca_prologue(**inp, **kw, impl="triton")  # an explicit "triton" never falls back
     with pytest.raises(ValueError, match="impl must be one of"):
         cca_prologue(**inp, **kw, impl="cuda")
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):

@@ -8,12 +8,19 @@ functionals so that one fused kernel can replace each:
   conv/value states so a chunk can resume where the previous one stopped;
 * :func:`cca_decode_prologue`: one token per sequence, states updated in place (static shapes, graph-capturable).
 
-``impl``: ``"auto"`` -> the vectorised PyTorch path (``torch_path.py``) until fused kernels exist;
-``"torch"`` -> the same; ``"naive"`` -> the per-document reference (``naive.py``); ``"triton"`` raises.
+``impl``: ``"auto"`` -> the fused Triton kernels (``prologue_fwd.py``, ``prologue_bwd.py``) for CUDA tensors they
+support, else the vectorised PyTorch path (``torch_path.py``); ``"triton"`` -> the kernels, raising a ``ValueError``
+on an input they cannot take (never a silent fallback); ``"torch"`` -> the PyTorch path; ``"naive"`` -> the
+per-document reference (``naive.py``). The Triton prefill path is differentiable (every tensor input but
+``cos``/``sin``) when autograd needs it, except together with ``return_final_state``; the decode kernel is
+inference-only. Kernels run fp16, bf16 and fp32 (bf16 not under the CPU interpreter), head dims up to 256 and
+conv kernels up to 8 taps.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from typing import Literal
 
 import torch
@@ -23,14 +30,60 @@ from trimformer.ops.cca import torch_path
 Impl = Literal["auto", "triton", "torch", "naive"]
 _IMPLS = ("auto", "triton", "torch", "naive")
 TEMPERATURE_MODES = ("linear", "exp")
+_KERNELS: dict[str, object] = {}  # kernel modules, imported on first use (after TRITON_INTERPRET is settled)
 
 
-def _resolve_impl(impl: str) -> str:
+def _check_impl(impl: str) -> None:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "triton":
-        raise ValueError("impl='triton': the Triton CCA kernels are not available in this build")
-    return "torch" if impl == "auto" else impl
+
+
+def _kernel_module(name: str):
+    """``trimformer.ops.cca.<name>`` (prologue_fwd, prologue_bwd), or ``None`` when Triton is unavailable."""
+    mod = _KERNELS.get(name)
+    if mod is None:
+        try:
+            mod = importlib.import_module(f"trimformer.ops.cca.{name}")
+        except ImportError:
+            return None
+        _KERNELS[name] = mod
+    return mod
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _triton_reason(q0, num_heads, w1, w2, cos, sin, others) -> str | None:
+    """Why the Triton kernels cannot run this call (``None`` when they can); shapes are validated already."""
+    fwd = _kernel_module("prologue_fwd")
+    if fwd is None:
+        return "the Triton CCA kernels are not available in this build (no triton)"
+    if not (q0.is_cuda or (q0.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")):
+        return f"tensors on {q0.device} (needs CUDA, or CPU with TRITON_INTERPRET=1)"
+    for t in others:
+        if t is not None and t.device != q0.device:
+            raise ValueError(f"every tensor must be on {q0.device} like q0, got one on {t.device}")
+    if _needs_grad(cos, sin):
+        return "cos/sin require grad (the kernels treat RoPE tables as constants)"
+    k1 = w1.shape[-1] if w1 is not None else 1
+    k2 = w2.shape[-1] if w2 is not None else 1
+    return fwd.unsupported_reason(q0, q0.shape[-1] // num_heads, k1, k2)
+
+
+def _pick(impl: str, q0: torch.Tensor, reason_fn) -> str:
+    """Resolve ``impl`` to ``"triton"``, ``"torch"`` or ``"naive"`` (``reason_fn() -> str | None``)."""
+    _check_impl(impl)
+    if impl in ("torch", "naive"):
+        return impl
+    if impl == "auto" and not q0.is_cuda:
+        return "torch"
+    reason = reason_fn()
+    if reason is not None:
+        if impl == "triton":
+            raise ValueError(f"impl='triton' cannot run this CCA prologue: {reason}")
+        return "torch"
+    return "triton"
 
 
 def _shape(t: torch.Tensor | None) -> tuple | None:
@@ -129,7 +182,8 @@ def cca_prologue(
         cos, sin: ``[T, rotary_dim // 2]`` float32/64 from :func:`trimformer.ops.rope.rotary_cos_sin` at each
             token's position, or both ``None`` for no RoPE.
         cu_seqlens: ``[N + 1]`` int32 cumulative document lengths (empty documents allowed).
-        max_seqlen: longest document (host int; unused by the PyTorch path, kept for kernels).
+        max_seqlen: longest document (host int, never read from the device; the kernels cover the first
+            ``max_seqlen`` tokens of each document, the PyTorch paths ignore it).
         num_heads, num_kv_heads: ``h`` and ``h_k`` (``h % h_k == 0``; query head ``i`` uses kv head ``i // g``).
         qk_mean: add the pre-conv qk-mean skip (spec 1.5).
         value_shift: shift ``v_del`` by one token; when False, ``v = [v_cur | v_del]`` of the same token.
@@ -146,7 +200,7 @@ def cca_prologue(
         (norm, temperature and RoPE computed in float32, or float64 for float64 input), and ``final`` =
         ``(conv_state [N, C, P], value_state [N, Ck/2])`` or ``None``.
     """
-    impl = _resolve_impl(impl)
+    _check_impl(impl)
     if not torch.compiler.is_compiling():
         t = q0.shape[0]
         c, pad = _check_common(t, q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
@@ -172,11 +226,35 @@ def cca_prologue(
         temperature_mode=temperature_mode, initial_conv_state=initial_conv_state,
         initial_value_state=initial_value_state, return_final_state=return_final_state,
     )  # fmt: skip
+    grads = _needs_grad(q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature,
+                        initial_conv_state, initial_value_state)  # fmt: skip
+
+    def reason():
+        others = (k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin,
+                  cu_seqlens, initial_conv_state, initial_value_state)  # fmt: skip
+        why = _triton_reason(q0, num_heads, conv1_weight, conv2_weight, cos, sin, others)
+        if why is None and grads and return_final_state:
+            why = "return_final_state while autograd needs gradients (final states are inference-only here)"
+        if why is None and grads and _kernel_module("prologue_bwd") is None:
+            why = "the Triton CCA backward is not available in this build"
+        return why
+
+    impl = _pick(impl, q0, reason)
     if impl == "naive":
         from trimformer.ops.cca.naive import naive_cca_prologue
 
         return naive_cca_prologue(*args, **kwargs)
-    return torch_path.torch_cca_prologue(*args, **kwargs)
+    if impl == "torch":
+        return torch_path.torch_cca_prologue(*args, **kwargs)
+    fwd = _kernel_module("prologue_fwd")
+    meta = fwd.make_meta(q0, conv1_weight, conv2_weight, cos, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         qk_mean=qk_mean, value_shift=value_shift, temperature_mode=temperature_mode)  # fmt: skip
+    if grads:
+        q, k, v = _kernel_module("prologue_bwd").cca_prologue_autograd(
+            meta, *args, initial_conv_state, initial_value_state
+        )
+        return q, k, v, None
+    return fwd.cca_prologue_fwd(meta, *args, initial_conv_state, initial_value_state, return_final_state)
 
 
 def cca_decode_prologue(
@@ -218,7 +296,7 @@ def cca_decode_prologue(
     Returns:
         ``(q [B, h, d_h], k [B, h_k, d_h], v [B, h_k, d_h])``.
     """
-    impl = _resolve_impl(impl)
+    _check_impl(impl)
     if not torch.compiler.is_compiling():
         b = q0.shape[0]
         c, pad = _check_common(b, q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
@@ -234,8 +312,24 @@ def cca_decode_prologue(
             temperature, cos, sin)  # fmt: skip
     kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, qk_mean=qk_mean, value_shift=value_shift,
                   temperature_mode=temperature_mode)  # fmt: skip
+
+    def reason():
+        others = (k0, v_cur, v_del, conv_state, value_state, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
+                  temperature, cos, sin)  # fmt: skip
+        why = _triton_reason(q0, num_heads, conv1_weight, conv2_weight, cos, sin, others)
+        if why is None and _needs_grad(q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
+                                       temperature):  # fmt: skip
+            why = "inputs require grad (the Triton decode kernel has no backward)"
+        return why
+
+    impl = _pick(impl, q0, reason)
     if impl == "naive":
         from trimformer.ops.cca.naive import naive_cca_decode_prologue
 
         return naive_cca_decode_prologue(*args, **kwargs)
-    return torch_path.torch_cca_decode_prologue(*args, **kwargs)
+    if impl == "torch":
+        return torch_path.torch_cca_decode_prologue(*args, **kwargs)
+    fwd = _kernel_module("prologue_fwd")
+    meta = fwd.make_meta(q0, conv1_weight, conv2_weight, cos, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         qk_mean=qk_mean, value_shift=value_shift, temperature_mode=temperature_mode)  # fmt: skip
+    return fwd.cca_decode_prologue_fwd(meta, *args)

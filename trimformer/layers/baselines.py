@@ -17,12 +17,10 @@ All share the forward signature, the input handling, the cache and the RoPE of t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trimformer.layers.cache import KVCacheLayer, MLACacheLayer
 from trimformer.layers.cca import AttentionBase, AttentionConfig, CCAttention, _CachePlan
-from trimformer.ops.attention import varlen_attention
 from trimformer.ops.rope import apply_rotary
 
 
@@ -60,10 +58,10 @@ class GroupedQueryAttention(AttentionBase):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
 
-    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions):
+    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions, dense=None):
         c = self.config
         q, k, v = self._qkv(x, positions)
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=c.head_dim**-0.5, impl=self.impl)
+        o = self._attend(q, k, v, cu_seqlens, max_seqlen, c.head_dim**-0.5, dense)
         return self.o_proj(o.reshape(x.shape[0], c.q_width))
 
     def _forward_cached(self, x, plan: _CachePlan, state):
@@ -144,7 +142,7 @@ class MultiHeadLatentAttention(AttentionBase):
     def _scale(self) -> float:
         return (self.config.head_dim + self.config.rope_head_dim) ** -0.5
 
-    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions):
+    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions, dense=None):
         c = self.config
         t, h, d, dr = x.shape[0], c.num_heads, c.head_dim, c.rope_head_dim
         cos, sin = self._cos_sin(positions, dr, x.dtype)
@@ -152,10 +150,9 @@ class MultiHeadLatentAttention(AttentionBase):
         latent, k_rope = self._latent(x, cos, sin)
         kv = self.kv_b_proj(latent).reshape(t, h, 2 * d)
         k = torch.cat([kv[..., :d], k_rope[:, None].expand(t, h, dr)], dim=-1)
-        v = F.pad(kv[..., d:], (0, dr))  # the attention op takes one head dim for k and v: zero-pad v, drop later
         q = torch.cat([q_nope, q_rope], dim=-1)
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=self._scale, impl=self.impl)
-        return self.o_proj(o[..., :d].reshape(t, h * d))
+        o = self._attend(q, k, kv[..., d:], cu_seqlens, max_seqlen, self._scale, dense)
+        return self.o_proj(o.reshape(t, h * d))
 
     def _forward_cached(self, x, plan: _CachePlan, state):
         c = self.config

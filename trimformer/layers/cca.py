@@ -16,6 +16,12 @@ signature::
 
 The CCA math follows ``cca-spec.md`` sections 1-2 (see ``trimformer/ops/cca``); attention goes through
 ``trimformer.ops.attention`` (``varlen_attention`` without a cache, ``kvcache_attention`` with one).
+
+``impl`` (every layer): ``"auto"`` runs our Triton kernels on CUDA (fused CCA prologue, varlen flash attention,
+flash-decoding) and PyTorch elsewhere; ``"triton"`` insists on them (a ``ValueError`` on unsupported input);
+``"torch"`` uses PyTorch only: for dense input without a mask on CUDA the core is ``F.scaled_dot_product_attention``
+(whichever SDPA backend is enabled: ``torch.nn.attention.sdpa_kernel`` selects flash, cuDNN or efficient), otherwise
+``varlen_attn``; ``"naive"`` runs the plain references.
 """
 
 from __future__ import annotations
@@ -174,6 +180,7 @@ class _Packed:
     shape: tuple[int, ...]  # caller's leading dims
     indices: torch.Tensor | None  # [T] flat positions of real tokens in a masked dense input
     decode: bool
+    dense: tuple[int, int] | None = None  # (B, S) when every sequence has S tokens (dense input without a mask)
 
     def restore(self, y: torch.Tensor) -> torch.Tensor:
         if self.indices is None:
@@ -205,7 +212,13 @@ def token_rows(cu_seqlens: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor,
 
 
 class AttentionBase(nn.Module, ABC):
-    """Input handling shared by every attention layer; subclasses implement ``_forward_packed``/``_forward_cached``."""
+    """Input handling shared by every attention layer; subclasses implement ``_forward_packed``/``_forward_cached``.
+
+    ``sdpa_expand_kv``: on the ``impl="torch"`` SDPA route, copy grouped key/value heads up to the query heads
+    instead of passing ``enable_gqa`` (some SDPA backends only take equal head counts; benchmarks try both).
+    """
+
+    sdpa_expand_kv: bool = False
 
     def __init__(self, config: AttentionConfig, impl: str = "auto") -> None:
         super().__init__()
@@ -242,7 +255,7 @@ class AttentionBase(nn.Module, ABC):
             return p.restore(p.x)
         if cache is None:
             _, offsets, _ = token_rows(p.cu_seqlens, p.x.shape[0])
-            y = self._forward_packed(p.x, p.cu_seqlens, p.max_seqlen, offsets)
+            y = self._forward_packed(p.x, p.cu_seqlens, p.max_seqlen, offsets, p.dense)
         else:
             if not isinstance(cache, AttentionCache) or not 0 <= layer_idx < len(cache.layers):
                 raise ValueError(f"cache must be an AttentionCache holding layer_idx={layer_idx}")
@@ -261,7 +274,7 @@ class AttentionBase(nn.Module, ABC):
             b, s, _ = x.shape
             if attention_mask is None:
                 cu = torch.arange(b + 1, dtype=torch.int32, device=x.device) * s
-                return _Packed(x.reshape(b * s, e), cu, s, (b, s), None, cache is not None and s == 1)
+                return _Packed(x.reshape(b * s, e), cu, s, (b, s), None, cache is not None and s == 1, (b, s))
             if attention_mask.shape != (b, s):
                 raise ValueError(f"attention_mask must be [B, S] = [{b}, {s}], got {tuple(attention_mask.shape)}")
             mask = attention_mask.to(device=x.device, dtype=torch.bool)
@@ -281,7 +294,8 @@ class AttentionBase(nn.Module, ABC):
         if not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
         n = cu_seqlens.numel() - 1
-        return _Packed(x, cu_seqlens, max_seqlen, (t,), None, cache is not None and max_seqlen == 1 and t == n)
+        dense = (1, t) if n == 1 and max_seqlen == t else None
+        return _Packed(x, cu_seqlens, max_seqlen, (t,), None, cache is not None and max_seqlen == 1 and t == n, dense)
 
     def _check_cache(self, state, p: _Packed) -> None:
         n = p.cu_seqlens.numel() - 1
@@ -320,9 +334,33 @@ class AttentionBase(nn.Module, ABC):
         out = kvcache_attention(qd, k_cache, v_cache, plan.new_seqlens, scale=scale, impl=self.impl)
         return out[:, 0] if plan.decode else out[plan.rows, plan.slots]
 
+    def _attend(self, q, k, v, cu_seqlens, max_seqlen, scale: float, dense) -> torch.Tensor:
+        """Causal attention of packed ``q [T, Hq, D]``, ``k [T, Hk, D]``, ``v [T, Hk, Dv]`` -> ``[T, Hq, Dv]``.
+
+        ``dense = (B, S)`` (every sequence has ``S`` tokens) lets ``impl="torch"`` on CUDA call SDPA on
+        ``[B, H, S, D]`` views; every other case goes through :func:`varlen_attention` (``v`` zero-padded to ``D``
+        when ``Dv < D``, the padding dropped from the output).
+        """
+        t, hq, dv = q.shape[0], q.shape[1], v.shape[-1]
+        if dense is not None and self.impl == "torch" and q.is_cuda:
+            b, s = dense
+            gqa = k.shape[1] != hq
+            if gqa and self.sdpa_expand_kv:
+                k, v = (x.repeat_interleave(hq // k.shape[1], dim=1) for x in (k, v))
+                gqa = False
+            qd, kd, vd = (x.reshape(b, s, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
+            return o.transpose(1, 2).reshape(t, hq, dv)
+        if dv < q.shape[-1]:  # the attention op takes one head dim for k and v: zero-pad v, drop later
+            o = varlen_attention(q, k, F.pad(v, (0, q.shape[-1] - dv)), cu_seqlens, max_seqlen, causal=True,
+                                 scale=scale, impl=self.impl)  # fmt: skip
+            return o[..., :dv]
+        return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=scale, impl=self.impl)
+
     @abstractmethod
-    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions) -> torch.Tensor:
-        """Packed ``x [T, E]`` without a cache; ``positions [T]`` restart per sequence. Returns ``[T, E]``."""
+    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions, dense=None) -> torch.Tensor:
+        """Packed ``x [T, E]`` without a cache; ``positions [T]`` restart per sequence; ``dense = (B, S)`` when all
+        sequences have the same length. Returns ``[T, E]``."""
 
     @abstractmethod
     def _forward_cached(self, x, plan: _CachePlan, state) -> torch.Tensor:
@@ -341,8 +379,9 @@ class CCAttention(AttentionBase):
     ``conv1_bias [C]`` (depthwise, when ``num_convs >= 1``); ``conv2_weight [C, d_h, k_ch]`` and ``conv2_bias [C]``
     (head-wise grouped, when ``num_convs == 2``; conv biases when ``config.conv_bias``); ``temperature [h_k]``.
 
-    ``impl``: ``"auto"``/``"torch"`` run the vectorised PyTorch prologue, ``"naive"`` the reference ops (also for the
-    attention core), ``"triton"`` the fused kernels (raises until they exist).
+    ``impl``: ``"auto"`` runs the fused Triton prologue (``trimformer.ops.cca``) and our Triton attention on CUDA,
+    ``"triton"`` insists on them, ``"torch"`` runs the vectorised PyTorch prologue and PyTorch attention, ``"naive"``
+    the reference ops (see the module docstring).
     """
 
     def __init__(self, config: AttentionConfig, *, impl: str = "auto", device=None, dtype=None) -> None:
@@ -413,14 +452,14 @@ class CCAttention(AttentionBase):
     def _conv_params(self):
         return self.conv1_weight, self.conv1_bias, self.conv2_weight, self.conv2_bias, self.temperature
 
-    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions):
+    def _forward_packed(self, x, cu_seqlens, max_seqlen, positions, dense=None):
         c = self.config
         q0, k0, v_cur, v_del = self._projections(x)
         cos, sin = self._cos_sin(positions, c.rotary_dim, q0.dtype)
         v_start = self._value_start(cu_seqlens.numel() - 1, q0)
         q, k, v, _ = cca_prologue(q0, k0, v_cur, v_del, *self._conv_params(), cos, sin, cu_seqlens, max_seqlen,
                                   initial_value_state=v_start, **self._op_kwargs())  # fmt: skip
-        o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, scale=c.head_dim**-0.5, impl=self.impl)
+        o = self._attend(q, k, v, cu_seqlens, max_seqlen, c.head_dim**-0.5, dense)
         return self.o_proj(o.reshape(x.shape[0], c.q_width))
 
     def _forward_cached(self, x, plan: _CachePlan, state):

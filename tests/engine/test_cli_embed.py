@@ -19,6 +19,7 @@ def _env():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["OMP_NUM_THREADS"] = "1"  # several CLI processes run at once on a 2-core CI machine
     return env
 
 
@@ -41,6 +42,15 @@ def _run_all(cases):
         stdout, stderr = proc.communicate(stdin, timeout=300)
         out[name] = (proc.returncode, stdout, stderr.decode("utf-8", "replace"))
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread in this process too (the in-process reference embeddings); see test_encoder_api.py."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +130,6 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         "folder": (["embed", "--model", str(tmp_path / "no-model")], "does not exist"),
         "model-type": (["embed", "--model", str(gpt2)], "unsupported model_type 'gpt2'; supported: albert, bert"),
         "dtype": (["embed", "--device", "cpu", "--dtype", "float8"], "unknown dtype 'float8'"),
-        "pooling": (["embed", "--device", "cpu", "--pooling", "sum"], "unsupported pooling 'sum'"),
     }
     if not torch.cuda.is_available():
         cases["cuda"] = (["embed", "--device", "cuda"], "CUDA is not available")

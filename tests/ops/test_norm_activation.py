@@ -130,3 +130,42 @@ def test_bias_act_does_not_modify_inputs_and_validates():
     if act_kernel() is None:
         with pytest.raises(ValueError, match="impl='triton'"):
             bias_act(x, b, "gelu", impl="triton")
+
+
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_act_inplace_gives_the_same_result(act, with_bias):
+    x = torch.randn(5, 16)
+    b = torch.randn(16) if with_bias else None
+    expected = bias_act(x, b, act, impl="torch")
+    scratch = x.clone()
+    torch.testing.assert_close(bias_act(scratch, b, act, inplace=True, impl="torch"), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_xbias", [True, False])
+def test_add_layer_norm_inplace_gives_the_same_result(with_xbias):
+    x, r, w, b, xb = _ln_inputs(torch.float32)
+    xb = xb if with_xbias else None
+    expected = add_layer_norm(x, r, w, b, eps=1e-5, x_bias=xb, impl="torch")
+    out = add_layer_norm(x.clone(), r, w, b, eps=1e-5, x_bias=xb, inplace=True, impl="torch")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    r0 = r.clone()
+    add_layer_norm(x.clone(), r, w, b, eps=1e-5, x_bias=xb, inplace=True, impl="torch")
+    assert torch.equal(r, r0)  # only x may be overwritten
+
+
+def test_inplace_is_ignored_under_autograd():
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    y = bias_act(x, b, "gelu", inplace=True, impl="torch")
+    z = add_layer_norm(y, x, w, None, eps=1e-6, x_bias=b, inplace=True, impl="torch")
+    z.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    ref = naive_add_layer_norm(naive_bias_act(x, b, "gelu"), x, w, None, eps=1e-6, x_bias=b)
+    ref.sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=0, atol=1e-10)
+    assert torch.autograd.gradcheck(
+        lambda x_, b_: naive_bias_act(x_, b_, "gelu_new"), (x.detach().requires_grad_(), b.detach().requires_grad_())
+    )

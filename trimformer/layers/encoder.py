@@ -98,9 +98,10 @@ class EncoderLayer(nn.Module):
             self.attn_norm.bias,
             eps=self.eps,
             x_bias=self.out.bias,
+            inplace=True,
             impl=self.impl,
         )
-        f = bias_act(F.linear(h, self.ffn_in.weight), self.ffn_in.bias, self.activation, impl=self.impl)
+        f = bias_act(F.linear(h, self.ffn_in.weight), self.ffn_in.bias, self.activation, inplace=True, impl=self.impl)
         return add_layer_norm(
             F.linear(f, self.ffn_out.weight),
             h,
@@ -108,5 +109,6 @@ class EncoderLayer(nn.Module):
             self.ffn_norm.bias,
             eps=self.eps,
             x_bias=self.ffn_out.bias,
+            inplace=True,
             impl=self.impl,
         )

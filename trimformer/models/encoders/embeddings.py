@@ -59,7 +59,9 @@ class EncoderEmbeddings(nn.Module):
                 type_bias = self.token_type.weight[0]  # HF's default all-zero segment, as a broadcast bias
             else:
                 x = x + F.embedding(token_type_ids, self.token_type.weight)
-        h = add_layer_norm(x, pos, self.norm.weight, self.norm.bias, eps=self.eps, x_bias=type_bias, impl=self.impl)
+        h = add_layer_norm(
+            x, pos, self.norm.weight, self.norm.bias, eps=self.eps, x_bias=type_bias, inplace=True, impl=self.impl
+        )
         if self.project is not None:
             h = F.linear(h, self.project.weight, self.project.bias)
         return h

@@ -32,13 +32,17 @@ _KERNEL_MODULE = "trimformer.ops.activation.fused"
 __all__ = ["ACTIVATIONS", "bias_act", "canonical_activation", "torch_bias_act"]
 
 
-def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, *, impl: Impl = "auto") -> torch.Tensor:
+def bias_act(
+    x: torch.Tensor, bias: torch.Tensor | None, act: str, *, inplace: bool = False, impl: Impl = "auto"
+) -> torch.Tensor:
     """``act(x + bias)`` elementwise.
 
     Args:
         x: ``[..., F]`` (fp32, fp16 or bf16), e.g. the first FFN GEMM without its bias.
         bias: ``[F]`` or ``None``.
         act: an HF activation name (see the module docstring).
+        inplace: ``x`` may be overwritten and the result may alias it: pass it for temporaries such as GEMM
+            outputs, so the PyTorch path allocates nothing. Ignored under autograd.
         impl: see the module docstring.
 
     Returns:
@@ -60,31 +64,37 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, *, impl: Impl
     if impl == "naive":
         from trimformer.ops.activation.naive import naive_bias_act
 
-        return naive_bias_act(x, bias, act)
+        return naive_bias_act(x, bias, act, inplace=inplace)
     if impl == "torch":
-        return torch_bias_act(x, bias, kind)
+        return torch_bias_act(x, bias, kind, inplace=inplace)
     reason = _kernel_reason(x, kind)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run bias_act: {reason}")
     return _kernel_module().bias_act_fwd(x, bias, kind)
 
 
-def torch_bias_act(x: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor:
+def torch_bias_act(x: torch.Tensor, bias: torch.Tensor | None, kind: str, *, inplace: bool = False) -> torch.Tensor:
     """The ``"torch"`` implementation for a canonical ``kind`` (no validation)."""
-    h = x if bias is None else x + bias
-    inplace = h is not x and not h.requires_grad
+    tracked = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    own = inplace and not tracked
+    if bias is None:
+        h = x
+    else:
+        h = x.add_(bias) if own else x + bias
+        own = not tracked  # a fresh sum is ours to overwrite
     if kind == "gelu_erf":
-        return F.gelu(h)
+        return torch.ops.aten.gelu_(h) if own else F.gelu(h)
     if kind == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
+        return torch.ops.aten.gelu_(h, approximate="tanh") if own else F.gelu(h, approximate="tanh")
     if kind == "relu":
-        return F.relu(h, inplace=inplace)
+        return F.relu(h, inplace=own)
     if kind == "silu":
-        return F.silu(h, inplace=inplace)
+        return F.silu(h, inplace=own)
     if kind == "quick_gelu":
-        return h * torch.sigmoid(1.702 * h)
+        gate = torch.sigmoid(1.702 * h)
+        return h.mul_(gate) if own else h * gate
     if kind == "tanh":
-        return torch.tanh_(h) if inplace else torch.tanh(h)
+        return torch.tanh_(h) if own else torch.tanh(h)
     return h
 
 

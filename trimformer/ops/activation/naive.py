@@ -11,8 +11,9 @@ from trimformer.ops.activation.names import canonical_activation
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-def naive_bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str) -> torch.Tensor:
-    """``act(x + bias)`` computed in at least fp32 and cast back to ``x.dtype``; ``act`` is an HF name."""
+def naive_bias_act(x: torch.Tensor, bias: torch.Tensor | None, act: str, *, inplace: bool = False) -> torch.Tensor:
+    """``act(x + bias)`` computed in at least fp32 and cast back to ``x.dtype``; ``act`` is an HF name.
+    ``inplace`` is accepted for signature parity and ignored (the reference never writes its inputs)."""
     kind = canonical_activation(act)
     h = x if bias is None else x + bias
     h = h.to(torch.promote_types(h.dtype, torch.float32))

@@ -34,6 +34,7 @@ def add_layer_norm(
     *,
     eps: float,
     x_bias: torch.Tensor | None = None,
+    inplace: bool = False,
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """``LayerNorm(x + x_bias + residual)`` over the last dimension.
@@ -44,6 +45,8 @@ def add_layer_norm(
         weight: ``[H]`` LayerNorm scale; bias: ``[H]`` LayerNorm shift or ``None``.
         eps: added to the variance.
         x_bias: ``[H]`` bias added to ``x`` before the residual (the GEMM bias fused here), or ``None``.
+        inplace: ``x`` may be overwritten (its contents are undefined afterwards): pass it for temporaries such as
+            GEMM outputs, so the PyTorch path adds bias and residual without allocating. Ignored under autograd.
         impl: see the module docstring.
 
     Returns:
@@ -59,9 +62,9 @@ def add_layer_norm(
     if impl == "naive":
         from trimformer.ops.norm.naive import naive_add_layer_norm
 
-        return naive_add_layer_norm(x, residual, weight, bias, eps=eps, x_bias=x_bias)
+        return naive_add_layer_norm(x, residual, weight, bias, eps=eps, x_bias=x_bias, inplace=inplace)
     if impl == "torch":
-        return torch_add_layer_norm(x, residual, weight, bias, eps=eps, x_bias=x_bias)
+        return torch_add_layer_norm(x, residual, weight, bias, eps=eps, x_bias=x_bias, inplace=inplace)
     reason = _kernel_reason(x)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run add_layer_norm: {reason}")
@@ -76,14 +79,16 @@ def torch_add_layer_norm(
     *,
     eps: float,
     x_bias: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """The ``"torch"`` implementation (no validation): at most two adds, then ``F.layer_norm``."""
+    own = inplace and not (torch.is_grad_enabled() and x.requires_grad)
     h = x
     if x_bias is not None:
-        h = h + x_bias
+        h = h.add_(x_bias) if own else h + x_bias
+        own = own or not h.requires_grad  # h is now our own temporary unless autograd tracks it
     if residual is not None:
-        # in place only on our own temporary (and never on a tensor autograd needs)
-        h = h.add_(residual) if h is not x and not h.requires_grad else h + residual
+        h = h.add_(residual) if own else h + residual
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
 
 

@@ -13,9 +13,11 @@ def naive_add_layer_norm(
     *,
     eps: float,
     x_bias: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """``LayerNorm((x + x_bias) + residual)`` written out: the sum is rounded to ``x.dtype``, then mean and biased
-    variance are taken in at least fp32 (fp64 stays fp64) and the result is cast back to ``x.dtype``."""
+    variance are taken in at least fp32 (fp64 stays fp64) and the result is cast back to ``x.dtype``.
+    ``inplace`` is accepted for signature parity and ignored (the reference never writes its inputs)."""
     h = x
     if x_bias is not None:
         h = h + x_bias

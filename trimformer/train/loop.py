@@ -196,7 +196,7 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint now (collective)."""
         return save_checkpoint(
-            self.out_dir, self.wrapped, self.optimizer, self.scheduler, self.info, step=self.step,
+            self.out_dir, self.model, self.optimizer, self.scheduler, self.info, step=self.step,
             data_position=self.data_position, tokens_seen=self.tokens_seen, run_config=self.run.to_dict(),
             data_fingerprint=self.fingerprint, keep=self.run.train.keep_checkpoints,
         )  # fmt: skip
@@ -209,7 +209,7 @@ class Trainer:
         path = find_checkpoint(self.out_dir) if spec == "auto" else Path(spec)
         if path is None:
             return None
-        state = load_checkpoint(path, self.wrapped, self.optimizer, self.scheduler, self.info)
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.info)
         if state["data_fingerprint"] != self.fingerprint:
             raise ValueError(f"{path} was trained on other data ({state['data_fingerprint']} vs {self.fingerprint}): "
                              "same corpus, tokenizer and seq_len are needed to resume")  # fmt: skip

@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--short-frac", type=float, default=0.7, help="fraction of short queries (default 0.7)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per provider (default 3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", default=None, help="comma-separated torch intra-op thread counts to run (default: torch's)"
+    )
+    parser.add_argument("--hf-repeats", type=int, default=1, help="timed runs of the slow HF padded loop (default 1)")
     parser.add_argument(
         "--sweep",
         default="1024,2048,4096,8192,16384",
@@ -96,11 +99,10 @@ def run(args) -> int:
         raise ValueError(
             "the embed-cpu suite compares with sentence-transformers: pip install sentence-transformers"
         ) from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.texts <= 0 or args.repeats <= 0:
-        raise ValueError("--texts and --repeats must be positive")
-    sweep = [int(x) for x in args.sweep.split(",") if x.strip()] if args.sweep else []
+    if args.texts <= 0 or args.repeats <= 0 or args.hf_repeats < 0:
+        raise ValueError("--texts and --repeats must be positive, --hf-repeats non-negative")
+    thread_counts = _int_list(args.threads, "--threads") if args.threads else [torch.get_num_threads()]
+    sweep = _int_list(args.sweep, "--sweep") if args.sweep else []
 
     enc = Encoder.from_pretrained(args.model, device="cpu", dtype="float32")
     path = enc.name_or_path
@@ -108,41 +110,13 @@ def run(args) -> int:
     hf = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(path)
     texts = make_texts(enc.tokenizer, args.texts, short_frac=args.short_frac, seed=args.seed)
-    tokens = enc.tokenize(texts)
-    n_tokens, n_texts = tokens.num_tokens, len(texts)
+    n_tokens, n_texts = enc.tokenize(texts).num_tokens, len(texts)
 
     providers = {
         "trimformer": lambda t: enc.embed(t),
         "sentence-transformers": lambda t: st.encode(t, batch_size=32, convert_to_tensor=True).float().cpu(),
         "hf-padded": _hf_padded(hf, hf_tok, enc.max_length),
     }
-    # correctness gate (and warm-up) on a subset: every provider against sentence-transformers
-    subset = texts[:256]
-    ref = providers["sentence-transformers"](subset)
-    min_cos = {}
-    for name, fn in providers.items():
-        min_cos[name] = float(torch.nn.functional.cosine_similarity(fn(subset), ref).min())
-    if min_cos["trimformer"] < 0.9999:
-        raise ValueError(f"trimformer embeddings disagree with sentence-transformers (min cosine {min_cos})")
-
-    rec = Recorder.for_suite(SUITE, args.out)
-    common = {
-        "model": Path(path).name if args.model else "all-MiniLM-L6-v2",
-        "texts": n_texts,
-        "tokens": n_tokens,
-        "short_frac": args.short_frac,
-        "dtype": "float32",
-        "threads": torch.get_num_threads(),
-        "seed": args.seed,
-    }
-    times: dict[str, list[float]] = {name: [] for name in providers}
-    names = list(providers)
-    for r in range(args.repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            providers[name](texts)
-            times[name].append(time.perf_counter() - t0)
     settings = {
         "trimformer": {
             "batch_tokens": DEFAULT_BATCH_TOKENS,
@@ -151,44 +125,99 @@ def run(args) -> int:
         "sentence-transformers": {"batch_size": 32, "sorted": True},
         "hf-padded": {"batch_size": 32, "sorted": False},
     }
-    for name, samples in times.items():
-        params = {**common, **settings[name], "min_cosine_vs_st": round(min_cos[name], 6), "load": _load()}
-        rec.add("mix", name, "texts_per_s", "texts/s", [n_texts / s for s in samples], **params)
-        rec.add("mix", name, "tokens_per_s", "tokens/s", [n_tokens / s for s in samples], **params)
+    # correctness gate (and warm-up) on a subset: every provider against sentence-transformers
+    subset = texts[:256]
+    ref = providers["sentence-transformers"](subset)
+    min_cos = {
+        name: float(torch.nn.functional.cosine_similarity(fn(subset), ref).min()) for name, fn in providers.items()
+    }
+    if min_cos["trimformer"] < 0.9999:
+        raise ValueError(f"trimformer embeddings disagree with sentence-transformers (min cosine {min_cos})")
+
+    rec = Recorder.for_suite(SUITE, args.out)
+    model_name = Path(path).name if args.model else "all-MiniLM-L6-v2"
+    common = {"model": model_name, "texts": n_texts, "tokens": n_tokens, "short_frac": args.short_frac}
+    common.update(dtype="float32", seed=args.seed)
+    results = {}  # threads -> {provider: [seconds]}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        times = _alternate(providers, texts, args.repeats, args.hf_repeats)
+        results[threads] = times
+        for name, samples in times.items():
+            params = {**common, **settings[name], "threads": threads, "min_cosine_vs_st": round(min_cos[name], 6)}
+            params["load"] = _load()
+            rec.add("mix", name, "texts_per_s", "texts/s", [n_texts / s for s in samples], **params)
+            rec.add("mix", name, "tokens_per_s", "tokens/s", [n_tokens / s for s in samples], **params)
 
     sweep_rows = []
     if sweep:
-        enc.cpu_forward_tokens = None  # lift the CPU cap: the sweep shows why it exists
+        torch.set_num_threads(thread_counts[0])
+        cap, enc.cpu_forward_tokens = enc.cpu_forward_tokens, None  # lift the CPU cap: the sweep shows why it exists
         for budget in sweep:
             t0 = time.perf_counter()
             enc.embed(texts, batch_tokens=budget)
-            dt = time.perf_counter() - t0
-            rec.add("budget-sweep", "trimformer", "tokens_per_s", "tokens/s", n_tokens / dt, budget=budget, **common)
-            sweep_rows.append((budget, n_tokens / dt))
-        enc.cpu_forward_tokens = enc.forward_tokens(DEFAULT_BATCH_TOKENS)
+            tps = n_tokens / (time.perf_counter() - t0)
+            rec.add("budget-sweep", "trimformer", "tokens_per_s", "tokens/s", tps, budget=budget, **common)
+            sweep_rows.append((budget, tps))
+        enc.cpu_forward_tokens = cap
 
     rec.write_csv()
-    md, summary = _render(rec, times, n_texts, n_tokens, sweep_rows, common, settings, min_cos)
+    md, summary = _render(rec, results, n_texts, n_tokens, sweep_rows, common, settings, min_cos)
     rec.write_text(f"{SUITE}.md", md)
-    if sweep_rows:
-        med = {name: n_tokens / sorted(s)[len(s) // 2] for name, s in times.items()}
-        xs = [b for b, _ in sweep_rows]
-        line_plot(
-            rec.out_dir / f"{SUITE}.png",
-            {
-                "trimformer (per-forward budget)": (xs, [v for _, v in sweep_rows]),
-                "trimformer (default)": (xs, [med["trimformer"]] * len(xs)),
-                "sentence-transformers (batch 32)": (xs, [med["sentence-transformers"]] * len(xs)),
-                "HF padded (batch 32)": (xs, [med["hf-padded"]] * len(xs)),
-            },
-            title=f"CPU embedding throughput, {common['model']}, fp32, {common['threads']} threads",
-            xlabel="tokens per forward (trimformer sweep)",
-            ylabel="tokens/s",
-            logx=True,
-        )
+    threads = thread_counts[0]
+    med = {name: n_tokens / _median(s) for name, s in results[threads].items()}
+    xs = [b for b, _ in sweep_rows] or [DEFAULT_BATCH_TOKENS]
+    series = {"trimformer (per-forward budget, cap lifted)": (xs, [v for _, v in sweep_rows])} if sweep_rows else {}
+    series.update(
+        {
+            "trimformer (default)": (xs, [med["trimformer"]] * len(xs)),
+            "sentence-transformers (batch 32)": (xs, [med["sentence-transformers"]] * len(xs)),
+            "HF padded (batch 32)": (xs, [med["hf-padded"]] * len(xs)),
+        }
+    )
+    line_plot(
+        rec.out_dir / f"{SUITE}.png",
+        series,
+        title=f"CPU embedding throughput, {model_name}, fp32, {threads} thread(s)",
+        xlabel="tokens per forward (trimformer sweep)",
+        ylabel="tokens/s (median)",
+        logx=True,
+    )
     print(summary)
     print(f"results: {rec.csv_path} (+ {SUITE}.md, {SUITE}.png)")
     return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _median(samples: list[float]) -> float:
+    from trimformer.bench.common import quantiles
+
+    return quantiles(samples)[1]
+
+
+def _alternate(providers: dict, texts: list[str], repeats: int, hf_repeats: int) -> dict[str, list[float]]:
+    """Seconds per full run; providers alternate in a rotating order, HF padded only in its first rounds."""
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    names = list(providers)
+    for r in range(max(repeats, hf_repeats)):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            limit = hf_repeats if name == "hf-padded" else repeats
+            if r >= limit:
+                continue
+            t0 = time.perf_counter()
+            providers[name](texts)
+            times[name].append(time.perf_counter() - t0)
+    return {name: s for name, s in times.items() if s}
 
 
 def _load() -> float:
@@ -198,61 +227,66 @@ def _load() -> float:
         return -1.0
 
 
-def _render(rec, times, n_texts, n_tokens, sweep_rows, common, settings, min_cos) -> tuple[str, str]:
-    from trimformer.bench.common import markdown_table, quantiles
+def _render(rec, results, n_texts, n_tokens, sweep_rows, common, settings, min_cos) -> tuple[str, str]:
+    """Markdown for this run and a one-line summary (first thread count)."""
+    from trimformer.bench.common import markdown_table
 
-    med = {name: quantiles(s)[1] for name, s in times.items()}
-    best = {name: min(s) for name, s in times.items()}
-    st_s, hf_s = med["sentence-transformers"], med["hf-padded"]
-    rows = []
-    for name, s in med.items():
-        rows.append(
-            (
-                name,
-                n_texts / s,
-                n_tokens / s,
-                f"{st_s / s:.2f}x",
-                f"{hf_s / s:.2f}x",
-                n_tokens / best[name],
-                f"{best['sentence-transformers'] / best[name]:.2f}x",
-                f"{min_cos[name]:.6f}",
-            )
-        )
-    table = markdown_table(
-        (
-            "provider",
-            "texts/s",
-            "tokens/s",
-            "vs sentence-transformers",
-            "vs HF padded",
-            "best tokens/s",
-            "best vs best ST",
-            "min cos vs ST",
-        ),
-        rows,
+    headers = (
+        "threads",
+        "provider",
+        "runs",
+        "texts/s",
+        "tokens/s",
+        "vs sentence-transformers",
+        "vs HF padded",
+        "best tokens/s",
+        "best vs best ST",
+        "min cos vs ST",
     )
+    rows, summaries = [], []
+    for threads, times in results.items():
+        med = {name: _median(t) for name, t in times.items()}
+        best = {name: min(t) for name, t in times.items()}
+        for name, sec in med.items():
+            rows.append(
+                (
+                    threads,
+                    name,
+                    len(times[name]),
+                    n_texts / sec,
+                    n_tokens / sec,
+                    f"{med['sentence-transformers'] / sec:.2f}x",
+                    f"{med['hf-padded'] / sec:.2f}x" if "hf-padded" in med else "-",
+                    n_tokens / best[name],
+                    f"{best['sentence-transformers'] / best[name]:.2f}x",
+                    f"{min_cos[name]:.6f}",
+                )
+            )
+        t = med["trimformer"]
+        summaries.append(
+            f"{threads} thread(s): trimformer {n_texts / t:.1f} texts/s, {n_tokens / t:,.0f} tokens/s = "
+            f"{med['sentence-transformers'] / t:.2f}x sentence-transformers"
+            + (f", {med['hf-padded'] / t:.2f}x HF padded" if "hf-padded" in med else "")
+        )
     lines = [
         f"# {SUITE}: CPU embedding throughput",
         "",
         f"{n_texts} texts ({common['short_frac']:.0%} queries of 5-30 tokens, the rest passages of 60-256 tokens), "
-        f"{n_tokens} tokens with special tokens; model {common['model']}, fp32, {common['threads']} threads; "
-        f"median (and best) of {len(next(iter(times.values())))} alternating runs per provider; the machine is shared, "
-        "so the best run is the least disturbed one.",
+        f"{n_tokens:,} tokens with special tokens; model {common['model']}, fp32; providers alternate in one process. "
+        "texts/s and tokens/s are medians over the runs; the machine is shared with other jobs, so the best run "
+        "(least disturbed) is shown too.",
         "",
-        table,
-        f"trimformer: {settings['trimformer']}; sentence-transformers: encode(batch_size=32) (length-sorted, padded); "
-        "HF padded: AutoModel on batches of 32 in input order, mean pooling + L2 normalisation.",
+        markdown_table(headers, rows),
+        f"trimformer: `Encoder.embed(texts)` {settings['trimformer']}; sentence-transformers: "
+        "`encode(texts, batch_size=32)` (length-sorted, padded per batch); HF padded: `AutoModel` on batches of 32 "
+        "in input order, padded to the longest, mean pooling + L2 normalisation.",
         "",
     ]
     if sweep_rows:
         lines += [
-            "Per-forward token budget sweep (trimformer, CPU cap lifted, one run each):",
+            f"Per-forward token budget (trimformer, CPU cap lifted, one run each, {next(iter(results))} thread(s)):",
             "",
             markdown_table(("tokens per forward", "tokens/s"), sweep_rows),
         ]
     lines += [f"Environment: {rec.env_line()}; load average at the end {_load()}.", ""]
-    summary = (
-        f"trimformer {n_texts / med['trimformer']:.1f} texts/s, {n_tokens / med['trimformer']:.0f} tokens/s: "
-        f"{st_s / med['trimformer']:.2f}x sentence-transformers, {hf_s / med['trimformer']:.2f}x HF padded"
-    )
-    return "\n".join(lines), summary
+    return "\n".join(lines), "\n".join(summaries)

@@ -77,6 +77,13 @@ def test_generate_with_cache_equals_cache_free_greedy(kind):
         assert torch.equal(out[i, ids.shape[1] :], greedy_without_cache(model, p, 12)), f"row {i}"
 
 
+def test_beam_search_with_cache_equals_without():
+    model = make("ccgqa")
+    ids, mask = left_padded([torch.randint(3, 48, (n,)) for n in (6, 2, 4)])
+    kw = dict(attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))  # reorder_cache
+
+
 def test_cache_grows_and_non_growable_cache_refuses():
     model = make("ccgqa")
     prompt = torch.randint(3, 48, (1, 5))

@@ -183,8 +183,8 @@ def run(args) -> int:
     if args.dry_run:
         return _dry_run(args, base, methods, target, runs_dir, splits)
     done_s: list[float] = []
-    for method in methods:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a call cut short by its time budget still covers every method once
+        for method in methods:
             elapsed = time.perf_counter() - started
             if args.time_budget is not None and done_s and elapsed + statistics.mean(done_s) > args.time_budget:
                 print(f"[quality] time budget: skipping {method} seed {seed} ({elapsed:.0f}s used)")

@@ -231,6 +231,8 @@ class Trainer:
 
         t = self.run.train
         resumed = self.maybe_resume()
+        if resumed is None:
+            self.log.reset()
         self.log.write({"kind": "run", "event": "resume" if resumed else "start", "step": self.step,
                         "checkpoint": str(resumed) if resumed else None, "world_size": self.info.world_size,
                         "distributed": self.mode, "bf16": self.bf16, "device": str(self.device),

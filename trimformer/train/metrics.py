@@ -28,6 +28,11 @@ class JsonlLog:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def reset(self) -> None:
+        """Start an empty log (a fresh run in a folder that held an older one)."""
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
     def truncate_after(self, step: int) -> None:
         """Drop train/eval records after ``step`` (a resume replays them)."""
         if not self.enabled or not self.path.exists():

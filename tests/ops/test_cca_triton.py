@@ -68,6 +68,8 @@ CASES = {  # name: (make_case kwargs, op kwargs)
                             dict(num_heads=3, num_kv_heads=1, qk_mean=False, value_shift=False)),
     "one-conv-states": (dict(hq=2, hk=2, lens=(6, 3), num_convs=1, states=True), dict(num_heads=2, num_kv_heads=2)),
     "no-conv": (dict(hq=2, hk=2, lens=(6, 3), num_convs=0), dict(num_heads=2, num_kv_heads=2)),
+    "ccgqa-d32": (dict(hq=4, hk=2, dh=32, lens=(19, 6), rotary_dim=16, states=True),
+                  dict(num_heads=4, num_kv_heads=2)),
 }  # fmt: skip
 
 
@@ -117,14 +119,15 @@ def _grads(fn, inp, keys, cot):
 
 
 BWD_CASES = [("ccgqa-k2x2-empty-doc", 0), ("cca-k3x2-exp-states", 16), ("mqa-k2x3-norope-off", 0),
-             ("one-conv-states", 0), ("no-conv", 0)]  # fmt: skip
+             ("one-conv-states", 0), ("no-conv", 0), ("ccgqa-d32", 16)]  # fmt: skip
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("name,chunk", BWD_CASES)
 def test_backward_matches_reference_fp32(name, chunk, monkeypatch):
     """Every input's gradient (latents, both convs, biases, temperature, both initial states) vs fp64 autograd;
-    ``chunk=16`` splits each document's rows over several conv-kernel programs (partial weight-gradient sums)."""
+    ``chunk=16`` splits each document's rows over several dX/dW2 programs (partial weight-gradient sums) and the
+    input channels into 16-wide blocks (two blocks at d_h = 32)."""
     if chunk:
         cfg = prologue_bwd.BwdConfig(16, 4, 16, 16, 4, chunk_rows=chunk)
         monkeypatch.setattr(prologue_bwd, "default_bwd_config", lambda dh: cfg)
@@ -216,9 +219,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
 
 
-GPU_SHAPES = {  # (hq, hk, dh): CCA-4x and CCGQA-2x/8x at E = 2048 for d_h 128, and the d_h 64 / 256 variants
+GPU_SHAPES = {  # (hq, hk, dh): CCA-4x at E = 2048 for d_h 128 and 256, CCGQA-2x/8x at d_h 64 (d_h 128 CCGQA: layers)
     "cca4x-d128": (4, 4, 128),
-    "ccgqa-d128": (8, 2, 128),
     "ccgqa-d64": (16, 4, 64),
     "cca4x-d256": (2, 2, 256),
 }
@@ -228,7 +230,7 @@ GPU_SHAPES = {  # (hq, hk, dh): CCA-4x and CCGQA-2x/8x at E = 2048 for d_h 128, 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
 def test_gpu_bf16_forward_and_gradients(name):
     hq, hk, dh = GPU_SHAPES[name]
-    lens = (1500, 37, 2511)
+    lens = (1100, 37, 1911)
     inp = make_case(hq=hq, hk=hk, dh=dh, lens=lens, rotary_dim=dh // 2, states=True, device="cuda")
     kw = dict(num_heads=hq, num_kv_heads=hk)
     keys = (*LATENTS, *WEIGHTS, "initial_conv_state", "initial_value_state")

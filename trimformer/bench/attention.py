@@ -53,6 +53,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=131072, help="skip points with B x S above this")
     parser.add_argument("--cca-torch", action="store_true", help="also time CCA/CCGQA on the PyTorch path")
     parser.add_argument("--breakdown", action="store_true", help="time the CCA prologue and attention core alone")
+    parser.add_argument("--breakdown-seqlens", default="4096,16384", help="sequence lengths of --breakdown")
+    parser.add_argument("--sweep", action="store_true", help="with --breakdown: other prologue launch configs")
     parser.add_argument("--rep-ms", type=float, default=60.0, help="timing budget per point (ms of GPU time)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render", default="", help="only re-render attention.md/PNGs from this run id")
@@ -181,18 +183,23 @@ def _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl):
                 batch=b, seqlen=s, dtype="bfloat16", impl=impl, **extra)  # fmt: skip
     rec.add(f"{name}|d{cfg.head_dim}|B{b}|S{s}", provider, mode, "ms", samples, **base)
     res[provider] = _median(samples)
-    if mode == "fwd":  # the same forward replayed from a CUDA graph: GPU time without host launch gaps
-        with torch.no_grad():
-            g = _try(log, f"{name} fwd graph", partial(_graph_ms, fn))
-        if g is not None:
-            rec.add(f"{name}|d{cfg.head_dim}|B{b}|S{s}", provider, "fwd (cuda graph)", "ms", g, **base)
+    # the same call replayed from a CUDA graph: GPU time without the host's launch gaps (eager calls on a slow host
+    # are launch-bound at short S)
+    reps = int(min(20, max(3, args.rep_ms // max(res[provider], 1e-3))))
+    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
+        g = _try(log, f"{name} {mode} graph", partial(_graph_ms, fn, reps))
+    for t in grads:
+        t.grad = None
+    if g is not None:
+        rec.add(f"{name}|d{cfg.head_dim}|B{b}|S{s}", provider, f"{mode} (cuda graph)", "ms", g, **base)
+        res[provider + " (graph)"] = _median(g)
     return res
 
 
-def _graph_ms(fn) -> list[float]:
+def _graph_ms(fn, repeat: int = 20) -> list[float]:
     from trimformer.bench.common import time_cuda_graph
 
-    return time_cuda_graph(fn, warmup=2, repeat=20)
+    return time_cuda_graph(fn, warmup=2, repeat=repeat)
 
 
 def _decode_point(args, rec, log, cfg, name, layer, b, ctx, impl):
@@ -227,12 +234,13 @@ def _decode_point(args, rec, log, cfg, name, layer, b, ctx, impl):
 
 
 def _breakdown(args, rec, log, cfg, name, b, s):
-    """The CCA prologue (fused, and the PyTorch path) and the attention core alone, on the layer's latent shapes."""
+    """GPU time (CUDA graphs) of the CCA prologue (fused, and the PyTorch path) and of the attention core alone, on the
+    layer's latent shapes; with ``--sweep`` also other launch configurations of the fused prologue."""
     import torch
 
     from trimformer.bench.attention_kernel import _prime_clocks, _try
     from trimformer.ops.attention import varlen_attention
-    from trimformer.ops.cca import cca_prologue
+    from trimformer.ops.cca import cca_prologue, prologue_bwd, prologue_fwd
     from trimformer.ops.rope import rotary_cos_sin
 
     t, hq, hk, dh = b * s, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -245,28 +253,43 @@ def _breakdown(args, rec, log, cfg, name, b, s):
     cos, sin = rotary_cos_sin(pos, cfg.rotary_dim, cfg.rope_theta)
     cu = torch.arange(b + 1, device=_DEV, dtype=torch.int32) * s
     kw = dict(num_heads=hq, num_kv_heads=hk)
+    cot = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]
+    variants = {"prologue-triton": ("triton", None, None), "prologue-torch": ("torch", None, None)}
+    if args.sweep and (name, dh, b, s) == ("CCA-4x", 128, 1, 16384):
+        for fc in ((64, 8), (128, 8), (32, 4)):
+            variants[f"prologue-triton[fwd {fc[0]}x w{fc[1]}]"] = ("triton", prologue_fwd.FwdConfig(*fc), None)
+        for bc in ((64, 4, 64, 64, 4), (64, 8, 32, 64, 8), (64, 8, 64, 128, 8)):
+            variants[f"prologue-triton[bwd {bc}]"] = ("triton", None, prologue_bwd.BwdConfig(*bc))
+    meta = prologue_fwd.make_meta(lat[0], w[0], w[2], cos, qk_mean=True, value_shift=True, temperature_mode="linear",
+                                  **kw)  # fmt: skip
     out = {}
-    for impl in ("triton", "torch"):
+    for label, (impl, fcfg, bcfg) in variants.items():
         for mode in ("fwd", "fwd+bwd"):
-            leaves = [x.requires_grad_() for x in (*lat, *w)] if mode == "fwd+bwd" else []
-            cot = None
+            if (fcfg is not None and mode != "fwd") or (bcfg is not None and mode != "fwd+bwd"):
+                continue
+            leaves = [x.requires_grad_(mode == "fwd+bwd") for x in (*lat, *w)]
 
-            def call(impl=impl, mode=mode):
-                nonlocal cot
-                with torch.set_grad_enabled(mode == "fwd+bwd"):
+            def call(impl=impl, mode=mode, fcfg=fcfg, bcfg=bcfg):
+                if fcfg is not None:
+                    return prologue_fwd.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, s, None, None, False,
+                                                         config=fcfg)  # fmt: skip
+                if bcfg is not None:
+                    q, k, v = prologue_bwd.cca_prologue_autograd(meta, *lat, *w, cos, sin, cu, s, None, None,
+                                                                 bwd_config=bcfg)  # fmt: skip
+                else:
                     q, k, v, _ = cca_prologue(*lat, *w, cos, sin, cu, s, **kw, impl=impl)
                 if mode == "fwd+bwd":
-                    cot = cot or [torch.randn_like(x) for x in (q, k, v)]
                     torch.autograd.backward((q, k, v), cot)
 
             _prime_clocks()
-            x = _try(log, f"prologue {impl} {mode}", partial(_measure, call, args.rep_ms, leaves))
-            for z in (*lat, *w):
+            with torch.set_grad_enabled(mode == "fwd+bwd"):
+                x = _try(log, f"{label} {mode}", partial(_graph_ms, call, 10))
+            for z in leaves:
                 z.requires_grad_(False)
                 z.grad = None
             if x is not None:
-                out[(f"prologue-{impl}", mode)] = _median(x)
-                rec.add(f"{name}|d{dh}|B{b}|S{s}", f"prologue-{impl}", mode, "ms", x, method=name, head_dim=dh,
+                out[(label, mode)] = _median(x)
+                rec.add(f"{name}|d{dh}|B{b}|S{s}", label, f"{mode} (cuda graph)", "ms", x, method=name, head_dim=dh,
                         batch=b, seqlen=s, part="prologue")  # fmt: skip
     q, k, v = r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)
     dout = r(t, hq, dh)
@@ -280,13 +303,14 @@ def _breakdown(args, rec, log, cfg, name, b, s):
 
         _prime_clocks()
         with torch.set_grad_enabled(mode == "fwd+bwd"):
-            x = _try(
-                log, f"attention core {mode}", partial(_measure, core, args.rep_ms, leaves if mode != "fwd" else ())
-            )
+            x = _try(log, f"attention core {mode}", partial(_graph_ms, core, 10))
+        for z in leaves:
+            z.requires_grad_(False)
+            z.grad = None
         if x is not None:
             out[("attention-core", mode)] = _median(x)
-            rec.add(f"{name}|d{dh}|B{b}|S{s}", "attention-core", mode, "ms", x, method=name, head_dim=dh, batch=b,
-                    seqlen=s, part="attention")  # fmt: skip
+            rec.add(f"{name}|d{dh}|B{b}|S{s}", "attention-core", f"{mode} (cuda graph)", "ms", x, method=name,
+                    head_dim=dh, batch=b, seqlen=s, part="attention")  # fmt: skip
     log(f"  breakdown {name} d={dh} B={b} S={s}: " + " ".join(f"{p}/{m}={v:.4f}" for (p, m), v in out.items()))
 
 
@@ -335,7 +359,7 @@ def run(args) -> int:
                             res = _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl)
                             log(f"d={dh} {name:12s} B={b} S={s:6d} {mode:8s} " +
                                 " ".join(f"{p}={t:.4f}" for p, t in res.items()))  # fmt: skip
-                    if args.breakdown and name in OURS:
+                    if args.breakdown and name in OURS and s in ints(args.breakdown_seqlens):
                         _try(log, "breakdown", partial(_breakdown, args, rec, log, cfg, name, b, s))
                     torch.cuda.empty_cache()
                 if "decode" in modes:
@@ -393,18 +417,21 @@ def render(csv_path, run_ids: str, out_dir) -> str:
     md = [f"# attention: CCA / CCGQA vs MHA / GQA / MLA layers (paper App. D protocol)\n\n"
           f"device {r0['device']}; torch {r0['torch']}, triton {r0['triton']}, CUDA {r0['cuda']}; git "
           f"{', '.join(sorted({r['git_sha'] or '-' for r in rows}))}; run(s) {', '.join(sorted(wanted))}\n\n"
-          "Whole attention layer (projections included), E = 2048, bf16, causal, dense [B, S, E] input. Median ms "
-          "of eager calls with L2 flushed (CUDA events); decode replayed from a CUDA graph. Baselines: the fastest "
-          "PyTorch SDPA path per point (backend listed below); CCA/CCGQA: our Triton kernels (fused prologue + "
-          "flash attention / flash decoding). Speed-up = baseline ms / method ms.\n\n"]  # fmt: skip
+          "Whole attention layer (projections included), E = 2048, bf16, causal, dense [B, S, E] input. Median ms: "
+          "GPU time from CUDA-graph replays, and eager calls with L2 flushed (CUDA events; on the benchmark VM every "
+          "PyTorch op costs tens of microseconds of host time, so short eager calls are launch-bound). Baselines: "
+          "the fastest PyTorch SDPA path per point (backend listed below); CCA/CCGQA: our Triton kernels (fused "
+          "prologue + flash attention / flash decoding). Speed-up = baseline ms / method ms.\n\n"]  # fmt: skip
     dims = sorted({k[2] for k in idx})
     batches = sorted({k[3] for k in idx})
     methods = [m for m in METHODS if any(k[1] == m for k in idx)]
     ratios = [("CCA-4x", "MHA"), ("CCA-4x", "GQA-8"), ("CCGQA-2x/8x", "MHA"), ("CCGQA-2x/8x", "GQA-8")]
     get = lambda metric, m, d, b, s: idx.get((metric, m, d, b, s), (None, _NAN))[1]
     md.append(_headline(idx, get))
-    for metric, title in (("fwd", "Prefill forward (eager)"), ("fwd (cuda graph)", "Prefill forward, CUDA graph"),
-                          ("fwd+bwd", "Forward + backward (training step)")):  # fmt: skip
+    for metric, title in (("fwd (cuda graph)", "Prefill forward, GPU time (CUDA graph)"),
+                          ("fwd+bwd (cuda graph)", "Forward + backward (training step), GPU time (CUDA graph)"),
+                          ("fwd", "Prefill forward, eager call (host launch overhead included)"),
+                          ("fwd+bwd", "Forward + backward, eager call (host launch overhead included)")):  # fmt: skip
         for d in dims:
             for b in batches:
                 seqs = sorted({k[4] for k in idx if k[0] == metric and k[2] == d and k[3] == b})
@@ -456,17 +483,18 @@ def _headline(idx, get) -> str:
     for (mode, m, vs), paper in PAPER.items():
         for d in (128, 64, 256):
             for b in (1, 4):
-                r = _ratio(get(mode, vs, d, b, 16384), get(mode, m, d, b, 16384))
-                if not math.isnan(r):
-                    table.append([f"{m} vs {vs}", mode, d, b, r, paper])
-    table += [[f"{m} vs MHA", "decode", d, b, _ratio(get("decode (cuda graph)", "MHA", d, b, 16384),
-                                                       get("decode (cuda graph)", m, d, b, 16384)),
+                g = _ratio(get(f"{mode} (cuda graph)", vs, d, b, 16384), get(f"{mode} (cuda graph)", m, d, b, 16384))
+                e = _ratio(get(mode, vs, d, b, 16384), get(mode, m, d, b, 16384))
+                if not (math.isnan(g) and math.isnan(e)):
+                    table.append([f"{m} vs {vs}", mode, d, b, g, e, paper])
+    dec = "decode (cuda graph)"
+    table += [[f"{m} vs MHA", "decode", d, b, _ratio(get(dec, "MHA", d, b, 16384), get(dec, m, d, b, 16384)), _NAN,
                "not measured by the paper"] for m in ("CCGQA-2x/8x", "CCA-4x") for d in (128,) for b in (1, 4)
-              if ("decode (cuda graph)", m, d, b, 16384) in idx]  # fmt: skip
+              if (dec, m, d, b, 16384) in idx]  # fmt: skip
     if not table:
         return ""
     return "## Speed-ups at S = 16k (context 16k for decode), ours next to the paper's\n\n" + markdown_table(
-        ["comparison", "mode", "d_h", "B", "ours (x)", "paper (x)"], table
+        ["comparison", "mode", "d_h", "B", "ours, GPU time (x)", "ours, eager (x)", "paper (x)"], table
     )
 
 
@@ -475,7 +503,8 @@ def _breakdown_table(rows, markdown_table) -> str:
     for r in rows:
         p = r["params"]
         if p.get("part"):
-            parts[(p["method"], p["head_dim"], p["batch"], p["seqlen"], r["provider"], r["metric"])] = r["p50"]
+            metric = r["metric"].replace(" (cuda graph)", "")
+            parts[(p["method"], p["head_dim"], p["batch"], p["seqlen"], r["provider"], metric)] = r["p50"]
     keys = sorted({k[:4] for k in parts})
     if not keys:
         return ""
@@ -485,9 +514,15 @@ def _breakdown_table(rows, markdown_table) -> str:
             pro, pt, core = (parts.get((m, d, b, s, p, mode), _NAN) for p in
                              ("prologue-triton", "prologue-torch", "attention-core"))  # fmt: skip
             table.append([m, d, b, s, mode, pro, pt, core, _ratio(pro, core) * 100, _ratio(pt, pro)])
-    return ("\n## Prologue vs attention core (ops alone, on the layer's latent shapes)\n\n" + markdown_table(
-        ["method", "d_h", "B", "S", "mode", "fused prologue ms", "PyTorch prologue ms", "attention core ms",
-         "prologue / core %", "fused speed-up"], table))  # fmt: skip
+    sweep = sorted((k, v) for k, v in parts.items() if "[" in k[4])
+    text = "\n## Prologue vs attention core (ops alone, GPU time from CUDA graphs, on the layer's latent shapes)\n\n"
+    text += markdown_table(["method", "d_h", "B", "S", "mode", "fused prologue ms", "PyTorch prologue ms",
+                            "attention core ms", "prologue / core %", "fused speed-up"], table)  # fmt: skip
+    if sweep:
+        text += "\n### Prologue launch configurations (CUDA graph ms)\n\n" + markdown_table(
+            ["method", "d_h", "B", "S", "config", "mode", "ms"], [[*k[:4], k[4], k[5], v] for k, v in sweep]
+        )
+    return text
 
 
 def _plots(idx, out_dir, dims, batches, methods, get) -> None:
@@ -496,7 +531,7 @@ def _plots(idx, out_dir, dims, batches, methods, get) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for metric, fname in (("fwd", "attention-fwd.png"), ("fwd+bwd", "attention-fwd-bwd.png")):
+    for metric, fname in (("fwd (cuda graph)", "attention-fwd.png"), ("fwd+bwd (cuda graph)", "attention-fwd-bwd.png")):
         cells = [(d, b) for d in dims for b in batches if any(k[0] == metric and k[2:4] == (d, b) for k in idx)]
         if not cells:
             continue

@@ -1,22 +1,23 @@
 """Fused CCA / CCGQA prologue backward (Triton) and the autograd ``Function`` tying it to the forward.
 
-Two launches (see ``prologue_fwd.py`` for the forward math and the coordinates):
+Four launches (see ``prologue_fwd.py`` for the forward math and the coordinates):
 
 1. **norm kernel**, one program per ``(token tile, head, document)``: recomputes ``z`` from the pre-conv latents
    (cheaper than saving it), undoes RoPE (``g = R^T dout``) and the QK-norm,
    ``dz = (s / |z|) (g - w (w . g))`` with ``w = z / |z|`` and ``s = sqrt(d_h) beta``, and writes ``dY2 = dz`` in
    fp32; key heads also reduce ``dbeta = sqrt(d_h) sum w . g`` per tile and route ``dv`` back to ``v_cur`` and to
    the previous token's ``v_del`` (the value shift).
-2. **conv kernel**, one program per ``(input-column block, row chunk x head, document)``, over the rows
+2. **dX kernel**, one program per ``(input-channel block, row chunk x head, document)``, over the rows
    ``r in [-P, L)`` of a document (the ``P`` rows before it are the initial conv state)::
 
-       dY1[s] = sum_i W2_i^T dY2[s + (k2 - 1) - i]     one tl.dot, taps stacked along the reduction axis
-       dX[r]  = sum_m w1[k1 - 1 - m] dY1[r + m] + qk-mean terms
-       dW2_i += dY2[s + (k2 - 1) - i]^T Y1[s]           (Y1 recomputed from X), db2 += dY2
-       dw1_j += dY1[s] * X[s - (k1 - 1) + j],           db1 += dY1[s]
+       dY1[s] = sum_i W2_i^T dY2[s + (k2 - 1) - i]     (chunked tl.dot over the output channels of each tap)
+       dX[r]  = sum_m w1[k1 - 1 - m] dY1[r + m] + qk-mean terms;   dw1_j += dY1[s] X[s - (k1 - 1) + j], db1 += dY1
 
-   Weight gradients are accumulated in registers over the program's chunk of rows and written as per-chunk
-   partial sums, reduced afterwards by one ``sum`` per parameter: deterministic, no atomics.
+3. **dW2 kernel**, one program per ``(tap x input-channel block, row chunk x head, document)``:
+   ``dW2_i += dY2[s + (k2 - 1) - i]^T Y1[s]`` (``Y1`` recomputed from ``X``), ``db2 += dY2``.
+4. **reduce kernel**: the weight gradients of kernels 1-3 are register sums over each program's rows, written as
+   per-(document, chunk) partial rows of one buffer; one launch sums them and writes every parameter's gradient in its
+   dtype. Deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from trimformer.ops.cca.prologue_fwd import (
     _head_scale,
     _head_z,
     _load_x,
+    _y1_chunk,
     cca_prologue_fwd,
-    default_fwd_config,
+    conv2_transposed,
     last_unit,
 )
 from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2, num_sms
@@ -45,14 +47,15 @@ _MAX_GRID = 65535
 
 @dataclass(frozen=True)
 class BwdConfig:
-    """Launch configuration of the backward: norm kernel rows, conv kernel rows/columns, rows per conv program."""
+    """Launch configuration: norm kernel rows/warps, dX and dW2 kernels rows / input-channel block / warps, and
+    the rows each dX/dW2 program walks (0: chosen from the grid size, a multiple of ``block_t2``)."""
 
     block_t1: int
     num_warps1: int
     block_t2: int
     block_b: int
     num_warps2: int
-    chunk_rows: int = 0  # 0: chosen from the grid size (a multiple of block_t2)
+    chunk_rows: int = 0
 
 
 def default_bwd_config(head_dim: int) -> BwdConfig:
@@ -60,21 +63,17 @@ def default_bwd_config(head_dim: int) -> BwdConfig:
     bd = max(16, next_power_of_2(head_dim))
     if interpreting():
         return BwdConfig(16, 4, 16, bd, 4)
-    fwd = default_fwd_config(head_dim)
-    if bd <= 64:
-        return BwdConfig(fwd.block_t, fwd.num_warps, 64, bd, 4)
-    if bd <= 128:
-        return BwdConfig(fwd.block_t, fwd.num_warps, 32, 64, 8)
-    return BwdConfig(fwd.block_t, fwd.num_warps, 32, 32, 8)
+    warps = 4 if bd <= 64 else 8  # the norm kernel holds z and g; dX/dW2 hold [64, 64]-[256, 64] fp32 tiles
+    return BwdConfig(64, warps, 64 if bd <= 128 else 32, min(bd, 64), warps)
 
 
 @triton.jit
 def _cca_bwd_norm_kernel(
-    Q0, K0, W1, B1, W2, B2, TEMP, COS, SIN, CU, CST, DQ, DK, DV, DY2, DVC, DVD, DVS, DBETA,
-    s_q0, s_k0, s_w1c, s_w1k, s_w2o, s_w2i, s_w2k, s_cos, s_sin, s_cn, s_cc, s_cp,
+    Q0, K0, W1, B1, W2T, B2, TEMP, COS, SIN, CU, CST, DQ, DK, DV, DY2, DVC, DVD, DVS, DBETA,
+    s_q0, s_k0, s_w1c, s_w1k, s_t0, s_t1, s_cos, s_sin, s_cn, s_cc, s_cp,
     s_dqt, s_dqh, s_dkt, s_dkh, s_dvt, s_dvh, s_dy, s_dvc, s_dvd, s_dvsn, n_tiles, sqrt_dh, eps,
-    HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr,
-    NOPE: tl.constexpr, NB: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K2P: tl.constexpr, P: tl.constexpr,
+    HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
+    RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, P: tl.constexpr,
     NUM_CONVS: tl.constexpr, QK_MEAN: tl.constexpr, VALUE_SHIFT: tl.constexpr, EXP_TEMP: tl.constexpr,
     HAS_CST: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_DVS: tl.constexpr, BT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -84,16 +83,19 @@ def _cca_bwd_norm_kernel(
     n = tl.program_id(2)
     bos = tl.load(CU + n)
     seqlen = tl.load(CU + n + 1) - bos
+    beta_slot = DBETA + (n * n_tiles + tile) * HK + tl.maximum(hh - HQ, 0)
     if tile * BT >= seqlen:
+        if hh >= HQ:
+            tl.store(beta_slot, 0.0)
         return
     offs = tile * BT + tl.arange(0, BT)
     row_ok = offs < seqlen
     grow = bos + offs
     docs = offs * 0 + n
     G: tl.constexpr = HQ // HK
-    za, zb, zc = _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CST, s_cn, s_cc,
-                         s_cp, hh, grow, offs, docs, row_ok, HQ, G, DH, BD, HALF, RB, NOPE, NB, K1, K2, K2P, P,
-                         NUM_CONVS, QK_MEAN, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
+    za, zb, zc = _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, s_cn, s_cc, s_cp,
+                         hh, grow, offs, docs, row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE, NB, K1, K2, P, NUM_CONVS,
+                         QK_MEAN, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
     nrm = tl.sqrt(tl.sum(za * za, 1) + tl.sum(zb * zb, 1) + tl.sum(zc * zc, 1))
     inv = 1.0 / tl.maximum(nrm, eps)
     g64 = grow.to(tl.int64)[:, None]
@@ -131,7 +133,7 @@ def _cca_bwd_norm_kernel(
     rd = tl.arange(0, BD)
     if hh >= HQ:
         j = hh - HQ
-        tl.store(DBETA + (n * n_tiles + tile) * HK + j, sqrt_dh * tl.sum(tl.where(row_ok, zg, 0.0), 0))
+        tl.store(beta_slot, sqrt_dh * tl.sum(tl.where(row_ok, zg, 0.0), 0))
         fc = j * DH + rd
         ok_v = row_ok[:, None] & (rd < DH)[None, :]
         cur = (fc < VHALF)[None, :]
@@ -149,23 +151,31 @@ def _cca_bwd_norm_kernel(
 
 
 @triton.jit
-def _stacked_dy2(DY2, s_dy, bos, seqlen, c0, r, r_ok, m, q_tap, q_dim, q_ok, K2: tl.constexpr):
-    """``[BT, K2P * BD]`` fp32: column ``(i, a)`` of row ``r`` is ``dY2[r + m + (k2 - 1) - i, a]`` (0 outside the
-    document), so that ``dY1[r + m] = this @ W2cat``."""
-    t = r[:, None] + m + (K2 - 1) - q_tap[None, :]
-    ok = r_ok[:, None] & q_ok[None, :] & (t >= 0) & (t < seqlen)
-    return tl.load(DY2 + (bos + t).to(tl.int64) * s_dy + c0 + q_dim[None, :], mask=ok, other=0.0)
+def _dy1(DY2, s_dy, W2T, s_t0, s_t1, bos, seqlen, c0, r, r_ok, m, b, b_ok, DT: tl.constexpr, BD: tl.constexpr,
+         BK: tl.constexpr, DH: tl.constexpr, K2: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """``dY1[r + m, b] = sum_i sum_a dY2[r + m + (k2 - 1) - i, a] W2[a, b, i]`` as fp32 ``[BT, BB]``."""
+    acc = tl.zeros([r.shape[0], b.shape[0]], dtype=tl.float32)
+    rk = tl.arange(0, BK)
+    for kc in range(0, K2 * BD, BK):
+        i = kc // BD
+        a = kc % BD + rk
+        t = r + m + (K2 - 1) - i
+        ok = (r_ok & (t >= 0) & (t < seqlen))[:, None] & (a < DH)[None, :]
+        d2 = tl.load(DY2 + (bos + t).to(tl.int64)[:, None] * s_dy + c0 + a[None, :], mask=ok, other=0.0)
+        w = tl.load(W2T + i * s_t0 + (c0 + a)[:, None] * s_t1 + b[None, :], mask=(a < DH)[:, None] & b_ok[None, :],
+                    other=0.0)  # fmt: skip
+        acc = tl.dot(d2.to(DT), w.to(DT), acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
-def _cca_bwd_conv_kernel(
-    Q0, K0, DY2, W1, B1, W2, CU, CST, DQ0, DK0, DCS, PW2, PB2, PW1, PB1,
-    s_q0, s_k0, s_dy, s_w1c, s_w1k, s_w2o, s_w2i, s_w2k, s_cn, s_cc, s_cp, s_dq0, s_dk0, s_dcn, s_dcc, s_dcp,
-    n_chunks, chunk_rows,
-    HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr, K1: tl.constexpr,
-    K1P: tl.constexpr, K2: tl.constexpr, K2P: tl.constexpr, P: tl.constexpr, NUM_CONVS: tl.constexpr,
-    QK_MEAN: tl.constexpr, HAS_CST: tl.constexpr, HAS_DCS: tl.constexpr, HAS_B1: tl.constexpr, BT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+def _cca_bwd_dx_kernel(
+    Q0, K0, DY2, W1, B1, W2T, CU, CST, DQ0, DK0, DCS, PART,
+    s_q0, s_k0, s_dy, s_w1c, s_w1k, s_t0, s_t1, s_cn, s_cc, s_cp, s_dq0, s_dk0, s_dcn, s_dcc, s_dcp,
+    n_chunks, chunk_rows, ltot, o_w1, o_b1,
+    HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, BB: tl.constexpr,
+    K1: tl.constexpr, K1P: tl.constexpr, K2: tl.constexpr, P: tl.constexpr, NUM_CONVS: tl.constexpr,
+    QK_MEAN: tl.constexpr, HAS_CST: tl.constexpr, HAS_DCS: tl.constexpr, BT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     bb = tl.program_id(0)
     H: tl.constexpr = HQ + HK
@@ -175,8 +185,7 @@ def _cca_bwd_conv_kernel(
     n = tl.program_id(2)
     bos = tl.load(CU + n)
     seqlen = tl.load(CU + n + 1) - bos
-    slot = (n * n_chunks + chunk).to(tl.int64)
-    C: tl.constexpr = H * DH
+    row = PART + (n * n_chunks + chunk).to(tl.int64) * ltot
     c0 = hh * DH
     b = bb * BB + tl.arange(0, BB)
     b_ok = b < DH
@@ -189,17 +198,7 @@ def _cca_bwd_conv_kernel(
     sx = tl.where(hh < HQ, s_q0, s_k0)
     sdx = tl.where(hh < HQ, s_dq0, s_dk0)
     DT = Q0.dtype.element_ty
-    KC: tl.constexpr = K2P * BD
-    q = tl.arange(0, KC)
-    q_tap = q // BD
-    q_dim = q % BD
-    q_ok = (q_tap < K2) & (q_dim < DH)
     jidx = tl.arange(0, K1P)
-    if NUM_CONVS == 2:  # W2cat[(i, a), b] = W2[c0 + a, b, i]
-        wcat = tl.load(W2 + (c0 + q_dim)[:, None] * s_w2o + b[None, :] * s_w2i + q_tap[:, None] * s_w2k,
-                       mask=q_ok[:, None] & b_ok[None, :], other=0.0).to(DT)  # fmt: skip
-    acc_w2 = tl.zeros([KC, BB], dtype=tl.float32)
-    acc_b2 = tl.zeros([KC], dtype=tl.float32)
     acc_w1 = tl.zeros([K1P, BB], dtype=tl.float32)
     acc_b1 = tl.zeros([BB], dtype=tl.float32)
     w1_last = tl.load(W1 + (c0 + b) * s_w1c + (K1 - 1) * s_w1k, mask=b_ok, other=0.0).to(tl.float32)
@@ -212,14 +211,15 @@ def _cca_bwd_conv_kernel(
         inside = r_ok & (r >= 0)
         gr = (bos + r).to(tl.int64)[:, None]
         ok_in = inside[:, None] & b_ok[None, :]
+        dy1_0 = tl.zeros([BT, BB], dtype=tl.float32)
         if NUM_CONVS == 2:
-            a0 = _stacked_dy2(DY2, s_dy, bos, seqlen, c0, r, r_ok, 0, q_tap, q_dim, q_ok, K2)
-            dy1_0 = tl.dot(a0.to(DT), wcat, input_precision=DOT_PREC)  # dY1[r], [BT, BB]
+            dy1_0 = _dy1(DY2, s_dy, W2T, s_t0, s_t1, bos, seqlen, c0, r, r_ok, 0, b, b_ok, DT, BD, BK, DH, K2,
+                         DOT_PREC)  # fmt: skip
             dx = w1_last[None, :] * dy1_0
             for m in tl.static_range(1, K1):
-                am = _stacked_dy2(DY2, s_dy, bos, seqlen, c0, r, r_ok, m, q_tap, q_dim, q_ok, K2)
                 w1m = tl.load(W1 + (c0 + b) * s_w1c + (K1 - 1 - m) * s_w1k, mask=b_ok, other=0.0).to(tl.float32)
-                dx += w1m[None, :] * tl.dot(am.to(DT), wcat, input_precision=DOT_PREC)
+                dx += w1m[None, :] * _dy1(DY2, s_dy, W2T, s_t0, s_t1, bos, seqlen, c0, r, r_ok, m, b, b_ok, DT, BD,
+                                          BK, DH, K2, DOT_PREC)  # fmt: skip
         elif NUM_CONVS == 1:
             dy1_0 = tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0)
             dx = w1_last[None, :] * dy1_0
@@ -245,32 +245,101 @@ def _cca_bwd_conv_kernel(
             dcs = DCS + n.to(tl.int64) * s_dcn + (c0 + b[None, :]) * s_dcc + (P + r)[:, None] * s_dcp
             tl.store(dcs, dx.to(DCS.dtype.element_ty), mask=(r_ok & (r < 0))[:, None] & b_ok[None, :])
         if NUM_CONVS >= 1:
-            y1 = tl.zeros([BT, BB], dtype=tl.float32)
             for j in tl.static_range(K1):
                 xj = _load_x(X, sx, CST, s_cn, s_cc, s_cp, c0, bos + r, r, docs, r_ok, b, b_ok, K1 - 1 - j, P,
                              HAS_CST)  # fmt: skip
-                w1j = tl.load(W1 + (c0 + b) * s_w1c + j * s_w1k, mask=b_ok, other=0.0).to(tl.float32)
-                y1 += w1j[None, :] * xj
                 acc_w1 += tl.where(jidx[:, None] == j, tl.sum(dy1_0 * xj, 0)[None, :], 0.0)
             acc_b1 += tl.sum(dy1_0, 0)
-            if NUM_CONVS == 2:
-                if HAS_B1:
-                    y1 += tl.load(B1 + c0 + b, mask=b_ok, other=0.0).to(tl.float32)[None, :]
-                acc_w2 = tl.dot(tl.trans(a0.to(DT)), y1.to(DT), acc_w2, input_precision=DOT_PREC)
-                acc_b2 += tl.sum(a0, 0)
-    if NUM_CONVS == 2:  # partial sums of this (document, chunk): PW2 [slots, C, DH, K2], PB2 [slots, C]
-        pw2 = PW2 + slot * (C * DH * K2) + (c0 + q_dim)[:, None] * (DH * K2) + b[None, :] * K2 + q_tap[:, None]
-        tl.store(pw2, acc_w2, mask=q_ok[:, None] & b_ok[None, :])
-        if bb == 0:
-            tl.store(PB2 + slot * C + c0 + q_dim, acc_b2, mask=q_ok & (q_tap == K2 - 1))
-    if NUM_CONVS >= 1:  # PW1 [slots, C, K1], PB1 [slots, C]
-        pw1 = PW1 + slot * (C * K1) + (c0 + b)[None, :] * K1 + jidx[:, None]
-        tl.store(pw1, acc_w1, mask=(jidx < K1)[:, None] & b_ok[None, :])
-        tl.store(PB1 + slot * C + c0 + b, acc_b1, mask=b_ok)
+    if NUM_CONVS >= 1:  # partial rows: dw1 at o_w1 ([C, K1] layout), db1 at o_b1
+        tl.store(row + o_w1 + (c0 + b)[None, :] * K1 + jidx[:, None], acc_w1, mask=(jidx < K1)[:, None] & b_ok[None, :])
+        tl.store(row + o_b1 + c0 + b, acc_b1, mask=b_ok)
+
+
+@triton.jit
+def _cca_bwd_dw2_kernel(
+    Q0, K0, DY2, W1, B1, CU, CST, PART,
+    s_q0, s_k0, s_dy, s_w1c, s_w1k, s_cn, s_cc, s_cp, n_chunks, chunk_rows, ltot, o_b2,
+    HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BB: tl.constexpr, K1: tl.constexpr,
+    K2: tl.constexpr, P: tl.constexpr, HAS_CST: tl.constexpr, HAS_B1: tl.constexpr, BT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    NBB: tl.constexpr = BD // BB
+    i = tl.program_id(0) // NBB
+    bb = tl.program_id(0) % NBB
+    H: tl.constexpr = HQ + HK
+    chunk = tl.program_id(1) // H
+    hh = tl.program_id(1) % H
+    n = tl.program_id(2)
+    bos = tl.load(CU + n)
+    seqlen = tl.load(CU + n + 1) - bos
+    row = PART + (n * n_chunks + chunk).to(tl.int64) * ltot
+    c0 = hh * DH
+    if hh < HQ:
+        X = Q0 + hh * DH
+    else:
+        X = K0 + (hh - HQ) * DH
+    sx = tl.where(hh < HQ, s_q0, s_k0)
+    DT = Q0.dtype.element_ty
+    a = tl.arange(0, BD)
+    a_ok = a < DH
+    b = bb * BB + tl.arange(0, BB)
+    b_ok = b < DH
+    acc = tl.zeros([BD, BB], dtype=tl.float32)
+    acc_b2 = tl.zeros([BD], dtype=tl.float32)
+    r_lo = chunk * chunk_rows - P
+    r_hi = tl.minimum(r_lo + chunk_rows, seqlen)
+    docs = tl.zeros([BT], dtype=tl.int32) + n
+    for r0 in range(r_lo, r_hi, BT):
+        r = r0 + tl.arange(0, BT)
+        r_ok = r < r_hi
+        t = r + (K2 - 1) - i  # dW2_i[a, b] += dY2[t, a] Y1[r, b]
+        ok = (r_ok & (t >= 0) & (t < seqlen))[:, None] & a_ok[None, :]
+        d2 = tl.load(DY2 + (bos + t).to(tl.int64)[:, None] * s_dy + c0 + a[None, :], mask=ok, other=0.0)
+        y1 = _y1_chunk(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, bos + r, r, docs, r_ok, b, b_ok,
+                       K2 - 1, K1, K2, P, HAS_CST, HAS_B1)  # fmt: skip
+        acc = tl.dot(tl.trans(d2.to(DT)), y1.to(DT), acc, input_precision=DOT_PREC)
+        acc_b2 += tl.sum(d2, 0)
+    tl.store(row + (c0 + a)[:, None] * (DH * K2) + b[None, :] * K2 + i, acc, mask=a_ok[:, None] & b_ok[None, :])
+    if (bb == 0) & (i == K2 - 1):  # t = r: the bias gradient
+        tl.store(row + o_b2 + c0 + a, acc_b2, mask=a_ok)
+
+
+@triton.jit
+def _reduce_kernel(PART, PBETA, DW2, DB2, DW1, DB1, DTEMP, TEMP, n_slots, n_slots_b, ltot, n_blocks, o_b2, o_w1,
+                   o_b1, HK: tl.constexpr, HKP: tl.constexpr, EXP_TEMP: tl.constexpr, HAS_W2: tl.constexpr,
+                   HAS_B2: tl.constexpr, HAS_W1: tl.constexpr, HAS_B1: tl.constexpr, BE: tl.constexpr):  # fmt: skip
+    """Sum the partial rows ``PART [n_slots, ltot]`` / ``PBETA [n_slots_b, HK]`` and store each gradient."""
+    pid = tl.program_id(0)
+    if pid < n_blocks:
+        e = pid * BE + tl.arange(0, BE)
+        ok = e < ltot
+        acc = tl.zeros([BE], dtype=tl.float32)
+        ptr = PART + e  # advanced row by row: 64-bit pointer arithmetic, no int32 overflow
+        for _ in range(0, n_slots):
+            acc += tl.load(ptr, mask=ok, other=0.0)
+            ptr += ltot
+        if HAS_W2:
+            tl.store(DW2 + e, acc, mask=e < o_b2)
+        if HAS_B2:
+            tl.store(DB2 + (e - o_b2), acc, mask=(e >= o_b2) & (e < o_w1))
+        if HAS_W1:
+            tl.store(DW1 + (e - o_w1), acc, mask=(e >= o_w1) & (e < o_b1))
+        if HAS_B1:
+            tl.store(DB1 + (e - o_b1), acc, mask=(e >= o_b1) & ok)
+    else:
+        j = tl.arange(0, HKP)
+        acc = tl.zeros([HKP], dtype=tl.float32)
+        ptr = PBETA + j
+        for _ in range(0, n_slots_b):
+            acc += tl.load(ptr, mask=j < HK, other=0.0)
+            ptr += HK
+        if EXP_TEMP:  # beta = exp(T): dT = dbeta * beta
+            acc *= tl.exp(tl.load(TEMP + j, mask=j < HK, other=0.0).to(tl.float32))
+        tl.store(DTEMP + j, acc, mask=j < HK)
 
 
 def _chunk_rows(cfg: BwdConfig, ext_len: int, programs_per_chunk: int, device: torch.device) -> int:
-    """Rows per conv-kernel program: enough programs to fill the GPU (~4 per SM), else as long as possible."""
+    """Rows per dX/dW2 program: enough programs to fill the GPU (~4 per SM), else as long as possible."""
     if cfg.chunk_rows:
         return cdiv(cfg.chunk_rows, cfg.block_t2) * cfg.block_t2
     want = max(1, cdiv(4 * num_sms(device), max(1, programs_per_chunk)))
@@ -278,9 +347,14 @@ def _chunk_rows(cfg: BwdConfig, ext_len: int, programs_per_chunk: int, device: t
     return max(cfg.block_t2, cdiv(rows, cfg.block_t2) * cfg.block_t2)
 
 
-def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2, b2, temperature, cos, sin, cu, max_seqlen, cst,
+def _opt(x: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
+    return x if x is not None else dummy
+
+
+def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperature, cos, sin, cu, max_seqlen, cst,
                      vst_shape, *, need_cst_grad: bool, config: BwdConfig | None = None):  # fmt: skip
-    """Gradients of the prologue (see the module docstring). Tensors as saved by :class:`CCAPrologueFunction`.
+    """Gradients of the prologue (see the module docstring). Tensors as saved by :class:`CCAPrologueFunction`
+    (``w2t`` is ``conv2_weight.permute(2, 0, 1)`` contiguous; ``cst`` only when ``P > 0``).
 
     Returns:
         ``(dq0, dk0, dv_cur, dv_del, dw1, db1, dw2, db2, dtemperature, dconv_state, dvalue_state)``; entries for
@@ -289,80 +363,88 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2, b2, temperature
     cfg = config or default_bwd_config(meta.dh)
     dev, dt = q0.device, q0.dtype
     t, n_seq = q0.shape[0], cu.numel() - 1
-    h, dh = meta.hq + meta.hk, meta.dh
+    h, dh, k1, k2 = meta.hq + meta.hk, meta.dh, meta.k1, meta.k2
     c, ck = h * dh, meta.hk * dh
     ce = meta.constexprs()
-    pad = meta.pad
-    dq = torch.zeros(t, meta.hq, dh, dtype=dt, device=dev) if dq is None else last_unit(dq)
-    dk = torch.zeros(t, meta.hk, dh, dtype=dt, device=dev) if dk is None else last_unit(dk)
-    dv = torch.zeros(t, meta.hk, dh, dtype=dt, device=dev) if dv is None else last_unit(dv)
-    dy2 = torch.empty(t, c, dtype=torch.float32, device=dev)
-    dvc = torch.empty(t, ck // 2, dtype=dt, device=dev)
-    dvd = torch.empty(t, ck // 2, dtype=dt, device=dev)
-    dvs = torch.zeros(vst_shape, dtype=torch.float32, device=dev) if vst_shape is not None else None
-    dq0 = torch.empty(t, meta.hq * dh, dtype=dt, device=dev)
-    dk0 = torch.empty(t, ck, dtype=dt, device=dev)
-    dcs = torch.empty(n_seq, c, pad, dtype=torch.float32, device=dev) if need_cst_grad and pad else None
+    pad, convs = meta.pad, meta.num_convs
+    empty = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device=dev)
+    dq, dk, dv = (torch.zeros(t, hd, dh, dtype=dt, device=dev) if g is None else last_unit(g)
+                  for g, hd in ((dq, meta.hq), (dk, meta.hk), (dv, meta.hk)))  # fmt: skip
+    dy2 = empty(t, c, dtype=torch.float32)
+    dvc, dvd = empty(t, ck // 2), empty(t, ck // 2)
+    dvs = torch.zeros(vst_shape, dtype=dt, device=dev) if vst_shape is not None else None
+    dq0, dk0 = empty(t, meta.hq * dh), empty(t, ck)
+    dcs = empty(n_seq, c, pad) if need_cst_grad and pad else None
     tiles = cdiv(max_seqlen, cfg.block_t1)
-    dbeta = torch.zeros(max(1, n_seq * tiles), meta.hk, dtype=torch.float32, device=dev)
+    pbeta = empty(max(1, n_seq * tiles), meta.hk, dtype=torch.float32)
+    if n_seq * tiles == 0:
+        pbeta.zero_()
     bb = min(cfg.block_b, ce["BD"])
     nbb = ce["BD"] // bb
     chunk = _chunk_rows(cfg, max_seqlen + pad, nbb * h * n_seq, dev)
     n_chunks = cdiv(max_seqlen + pad, chunk)
+    # partial rows of kernels 2-3: [dw2 (C, d_h, k2) | db2 (C) | dw1 (C, k1) | db1 (C)]
+    o_b2 = c * dh * k2 if convs == 2 else 0
+    o_w1 = o_b2 + (c if convs == 2 else 0)
+    o_b1 = o_w1 + (c * k1 if convs >= 1 else 0)
+    ltot = o_b1 + (c if convs >= 1 else 0)
     slots = max(1, n_seq * n_chunks)
-    pw2 = torch.empty(slots, c, dh, meta.k2, dtype=torch.float32, device=dev) if meta.num_convs == 2 else None
-    pb2 = torch.empty(slots, c, dtype=torch.float32, device=dev) if meta.num_convs == 2 else None
-    pw1 = torch.empty(slots, c, meta.k1, dtype=torch.float32, device=dev) if meta.num_convs >= 1 else None
-    pb1 = torch.empty(slots, c, dtype=torch.float32, device=dev) if meta.num_convs >= 1 else None
-    if meta.num_convs and n_seq * n_chunks == 0:
-        for p in (pw2, pb2, pw1, pb1):
-            if p is not None:
-                p.zero_()
+    part = empty(slots, max(1, ltot), dtype=torch.float32)
+    if convs and n_seq * n_chunks == 0:
+        part.zero_()
     w1s = w1.stride() if w1 is not None else (0, 0)
-    w2s = w2.stride() if w2 is not None else (0, 0, 0)
+    ts = (w2t.stride(0), w2t.stride(1)) if w2t is not None else (0, 0)
     cs = cst.stride() if cst is not None else (0, 0, 0)
     dummy = dy2
-    opt = lambda x: x if x is not None else dummy
     prec = dot_precision(dt)
-    conv_ce = {k: ce[k] for k in ("HQ", "HK", "DH", "BD", "K1", "K2", "K2P", "P", "NUM_CONVS", "QK_MEAN")}
+    common = dict(HQ=meta.hq, HK=meta.hk, DH=dh, BD=ce["BD"], K1=k1, K2=k2, P=pad, HAS_CST=cst is not None)
     for s0 in range(0, n_seq, _MAX_GRID):
         n = min(_MAX_GRID, n_seq - s0)
         cu_s = cu[s0:] if s0 else cu
-        cst_s = cst[s0:] if cst is not None else None
+        cst_s = _opt(cst[s0:] if cst is not None else None, dummy)
         if tiles:
             _cca_bwd_norm_kernel[(tiles, h, n)](
-                q0, k0, opt(w1), opt(b1), opt(w2), opt(b2), temperature, opt(cos), opt(sin), cu_s, opt(cst_s),
-                dq, dk, dv, dy2, dvc, dvd, opt(dvs[s0:] if dvs is not None else None), dbeta[s0 * tiles :],
-                q0.stride(0), k0.stride(0), *w1s, *w2s, cos.stride(0) if cos is not None else 0,
+                q0, k0, _opt(w1, dummy), _opt(b1, dummy), _opt(w2t, dummy), _opt(b2, dummy), temperature,
+                _opt(cos, dummy), _opt(sin, dummy), cu_s, cst_s, dq, dk, dv, dy2, dvc, dvd,
+                _opt(dvs[s0:] if dvs is not None else None, dummy), pbeta[s0 * tiles :],
+                q0.stride(0), k0.stride(0), *w1s, *ts, cos.stride(0) if cos is not None else 0,
                 sin.stride(0) if sin is not None else 0, *cs, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
                 dv.stride(0), dv.stride(1), dy2.stride(0), dvc.stride(0), dvd.stride(0),
                 dvs.stride(0) if dvs is not None else 0, tiles, float(dh) ** 0.5, NORM_EPS,
-                **ce, VALUE_SHIFT=meta.value_shift, EXP_TEMP=meta.exp_temp, HAS_CST=cst is not None,
-                HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_DVS=dvs is not None, BT=cfg.block_t1,
-                DOT_PREC=prec, num_warps=cfg.num_warps1, num_stages=1,
+                **common, BK=ce["BK"], HALF=ce["HALF"], RB=ce["RB"], NOPE=ce["NOPE"], NB=ce["NB"], NUM_CONVS=convs,
+                QK_MEAN=meta.qk_mean, VALUE_SHIFT=meta.value_shift, EXP_TEMP=meta.exp_temp, HAS_B1=b1 is not None,
+                HAS_B2=b2 is not None, HAS_DVS=dvs is not None, BT=cfg.block_t1, DOT_PREC=prec,
+                num_warps=cfg.num_warps1, num_stages=1,
             )  # fmt: skip
-        if n_chunks:
-            _cca_bwd_conv_kernel[(nbb, n_chunks * h, n)](
-                q0, k0, dy2, opt(w1), opt(b1), opt(w2), cu_s, opt(cst_s), dq0, dk0,
-                opt(dcs[s0:] if dcs is not None else None), opt(pw2[s0 * n_chunks :] if pw2 is not None else None),
-                opt(pb2[s0 * n_chunks :] if pb2 is not None else None),
-                opt(pw1[s0 * n_chunks :] if pw1 is not None else None),
-                opt(pb1[s0 * n_chunks :] if pb1 is not None else None),
-                q0.stride(0), k0.stride(0), dy2.stride(0), *w1s, *w2s, *cs, dq0.stride(0), dk0.stride(0),
-                *(dcs.stride() if dcs is not None else (0, 0, 0)), n_chunks, chunk,
-                **conv_ce, BB=bb, K1P=next_power_of_2(meta.k1), HAS_CST=cst is not None,
-                HAS_DCS=dcs is not None, HAS_B1=b1 is not None, BT=cfg.block_t2, DOT_PREC=prec,
-                num_warps=cfg.num_warps2, num_stages=1,
+        if not n_chunks:
+            continue
+        part_s = part[s0 * n_chunks :]
+        _cca_bwd_dx_kernel[(nbb, n_chunks * h, n)](
+            q0, k0, dy2, _opt(w1, dummy), _opt(b1, dummy), _opt(w2t, dummy), cu_s, cst_s, dq0, dk0,
+            _opt(dcs[s0:] if dcs is not None else None, dummy), part_s,
+            q0.stride(0), k0.stride(0), dy2.stride(0), *w1s, *ts, *cs, dq0.stride(0), dk0.stride(0),
+            *(dcs.stride() if dcs is not None else (0, 0, 0)), n_chunks, chunk, ltot, o_w1, o_b1,
+            **common, BK=ce["BK"], BB=bb, K1P=next_power_of_2(k1), NUM_CONVS=convs, QK_MEAN=meta.qk_mean,
+            HAS_DCS=dcs is not None, BT=cfg.block_t2, DOT_PREC=prec, num_warps=cfg.num_warps2, num_stages=1,
+        )  # fmt: skip
+        if convs == 2:
+            _cca_bwd_dw2_kernel[(k2 * nbb, n_chunks * h, n)](
+                q0, k0, dy2, w1, _opt(b1, dummy), cu_s, cst_s, part_s, q0.stride(0), k0.stride(0), dy2.stride(0),
+                *w1s, *cs, n_chunks, chunk, ltot, o_b2, **common, BB=bb, HAS_B1=b1 is not None, BT=cfg.block_t2,
+                DOT_PREC=prec, num_warps=cfg.num_warps2, num_stages=1,
             )  # fmt: skip
-    dbeta = dbeta.sum(0)
-    exp_t = temperature.detach().float().exp() if meta.exp_temp else None
-    dtemp = (dbeta * exp_t if meta.exp_temp else dbeta).to(temperature.dtype)
-    dw1 = pw1.sum(0).to(w1.dtype) if pw1 is not None else None
-    db1 = pb1.sum(0).to(b1.dtype) if (pb1 is not None and b1 is not None) else None
-    dw2 = pw2.sum(0).to(w2.dtype) if pw2 is not None else None
-    db2 = pb2.sum(0).to(b2.dtype) if (pb2 is not None and b2 is not None) else None
-    dcs = dcs.to(dt) if dcs is not None else None
-    dvs = dvs.to(dt) if dvs is not None else None
+    grad = lambda x, shape: empty(*shape, dtype=x.dtype) if x is not None else None
+    dw2 = grad(w2t, (c, dh, k2)) if convs == 2 else None
+    db2, dw1, db1 = grad(b2, (c,)), grad(w1, (c, k1)), grad(b1, (c,))
+    dtemp = empty(meta.hk, dtype=temperature.dtype)
+    be = 1024 if not interpreting() else 4096
+    n_blocks = cdiv(ltot, be) if convs else 0
+    _reduce_kernel[(n_blocks + 1,)](
+        part, pbeta, _opt(dw2, dummy), _opt(db2, dummy), _opt(dw1, dummy), _opt(db1, dummy), dtemp, temperature,
+        slots, pbeta.shape[0], max(1, ltot), n_blocks, o_b2, o_w1, o_b1, HK=meta.hk,
+        HKP=next_power_of_2(meta.hk), EXP_TEMP=meta.exp_temp, HAS_W2=dw2 is not None, HAS_B2=db2 is not None,
+        HAS_W1=dw1 is not None, HAS_B1=db1 is not None, BE=be,
+    )  # fmt: skip
     return dq0, dk0, dvc, dvd, dw1, db1, dw2, db2, dtemp, dcs, dvs
 
 
@@ -373,20 +455,21 @@ class CCAPrologueFunction(torch.autograd.Function):
     def forward(ctx, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cst, vst, cos, sin, cu, max_seqlen, meta,
                 fwd_config, bwd_config):  # fmt: skip
         q0, k0, v_cur, v_del = (last_unit(x) for x in (q0, k0, v_cur, v_del))
+        w2t = conv2_transposed(w2)
         q, k, v, _ = cca_prologue_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu,
-                                      max_seqlen, cst, vst, False, config=fwd_config)  # fmt: skip
-        ctx.save_for_backward(q0, k0, w1, b1, w2, b2, temperature, cst, cos, sin, cu)
+                                      max_seqlen, cst, vst, False, config=fwd_config, w2t=w2t)  # fmt: skip
+        ctx.save_for_backward(q0, k0, w1, b1, w2t, b2, temperature, cst, cos, sin, cu)
         ctx.meta, ctx.max_seqlen, ctx.bwd_config = meta, max_seqlen, bwd_config
         ctx.vst_shape = tuple(vst.shape) if vst is not None else None
         return q, k, v
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        q0, k0, w1, b1, w2, b2, temperature, cst, cos, sin, cu = ctx.saved_tensors
+        q0, k0, w1, b1, w2t, b2, temperature, cst, cos, sin, cu = ctx.saved_tensors
         meta = ctx.meta
         need_cst = cst is not None and ctx.needs_input_grad[9]
-        grads = cca_prologue_bwd(meta, dq, dk, dv, q0, k0, w1, b1, w2, b2, temperature, cos, sin, cu, ctx.max_seqlen,
-                                 cst if meta.pad else None, ctx.vst_shape, need_cst_grad=need_cst,
+        grads = cca_prologue_bwd(meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperature, cos, sin, cu,
+                                 ctx.max_seqlen, cst if meta.pad else None, ctx.vst_shape, need_cst_grad=need_cst,
                                  config=ctx.bwd_config)  # fmt: skip
         dq0, dk0, dvc, dvd, dw1, db1, dw2, db2, dtemp, dcs, dvs = grads
         if need_cst and dcs is None:  # P == 0: an empty state

@@ -10,10 +10,11 @@ state, or 0)::
 
 Both convolutions of one output row read the ``P + 1`` rows ``X[t - P .. t]`` (``P = (k1 - 1) + (k2 - 1)``), so a
 tile of ``BT`` rows loads its rows plus a ``P``-row halo; the halo rows before a document's start come from the
-state. conv2 is one ``tl.dot`` per output-column block with the taps stacked along the reduction axis: column
-``(i, b)`` of the ``[BT, K2P * BD]`` operand is ``Y1[t - (k2 - 1) + i, b]`` (a 2-D load whose row shift depends on
-the column), so any ``k1``, ``k2`` need only 2-D tiles. The head's output columns are cut into the two rotated halves
-``[0, r/2)``, ``[r/2, r)`` and the NoPE part ``[r, d_h)``, so rotate-half RoPE pairs columns of two tiles.
+state. conv2 is a loop over ``BK``-wide chunks of its reduction axis (tap ``i`` x input channel ``b``): each chunk
+computes conv1 for its channels at row ``t - (k2 - 1) + i`` from plain ``[BT, BK]`` loads and feeds one
+``tl.dot`` per output-column block, so tiles stay small for any ``k1``, ``k2``, ``d_h``. The head's output columns are
+cut into the two rotated halves ``[0, r/2)``, ``[r/2, r)`` and the NoPE part ``[r, d_h)``, so rotate-half RoPE pairs
+columns of two tiles.
 
 One program owns one ``(token tile, head, document)``; head ``hh < h`` is a query head, ``hh >= h`` key head
 ``hh - h`` (which also writes its value head). Decode runs the same kernel with one row per sequence (every row its
@@ -51,11 +52,7 @@ def default_fwd_config(head_dim: int, decode: bool = False) -> FwdConfig:
     """Hand-picked configuration (see NOTES.md); 16 rows under the interpreter and for decode batches."""
     if interpreting() or decode:
         return FwdConfig(16, 4)
-    if head_dim <= 64:
-        return FwdConfig(64, 4)
-    if head_dim <= 128:
-        return FwdConfig(64, 8)
-    return FwdConfig(32, 8)
+    return FwdConfig(64, 4 if head_dim <= 128 else 8)
 
 
 @triton.jit
@@ -79,21 +76,11 @@ def _load_x(X, sx, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, cols, co
 
 
 @triton.jit
-def _conv_block(Y1, X, sx, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CST, s_cn, s_cc, s_cp,
-                c0, grow, offs, docs, row_ok, cols, col_ok, q_tap, q_dim, q_ok,
+def _conv_block(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, cols, col_ok,
                 K1: tl.constexpr, P: tl.constexpr, NUM_CONVS: tl.constexpr, HAS_CST: tl.constexpr,
-                HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """Convolution output ``Y2`` (fp32 ``[BT, W]``) of one output-column block ``cols`` of the head at ``c0``.
-
-    ``Y1``: the stacked conv1 output ``[BT, K2P * BD]`` (two convolutions only); ``q_tap/q_dim/q_ok``: its columns.
-    """
-    if NUM_CONVS == 2:
-        w = tl.load(W2 + (c0 + cols[None, :]) * s_w2o + q_dim[:, None] * s_w2i + q_tap[:, None] * s_w2k,
-                    mask=q_ok[:, None] & col_ok[None, :], other=0.0)  # fmt: skip
-        y = tl.dot(Y1, w.to(Y1.dtype), input_precision=DOT_PREC)  # [BT, W]
-        if HAS_B2:
-            y += tl.load(B2 + c0 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    elif NUM_CONVS == 1:
+                HAS_B1: tl.constexpr):  # fmt: skip
+    """Output (fp32 ``[BT, W]``) of the depthwise conv alone (``NUM_CONVS == 1``) or of no conv, for ``cols``."""
+    if NUM_CONVS == 1:
         y = tl.zeros([grow.shape[0], cols.shape[0]], dtype=tl.float32)
         for j in tl.static_range(K1):
             wj = tl.load(W1 + (c0 + cols) * s_w1c + j * s_w1k, mask=col_ok, other=0.0).to(tl.float32)
@@ -104,6 +91,22 @@ def _conv_block(Y1, X, sx, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CS
             y += tl.load(B1 + c0 + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     else:
         y = _load_x(X, sx, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, cols, col_ok, 0, P, HAS_CST)
+    return y
+
+
+@triton.jit
+def _y1_chunk(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, b, b_ok, i,
+              K1: tl.constexpr, K2: tl.constexpr, P: tl.constexpr, HAS_CST: tl.constexpr,
+              HAS_B1: tl.constexpr):  # fmt: skip
+    """conv1 output at row ``t - (k2 - 1) + i`` (conv2 tap ``i``) for the input channels ``b`` (fp32 ``[BT, BK]``)."""
+    y = tl.zeros([grow.shape[0], b.shape[0]], dtype=tl.float32)
+    for j in tl.static_range(K1):
+        wj = tl.load(W1 + (c0 + b) * s_w1c + j * s_w1k, mask=b_ok, other=0.0).to(tl.float32)
+        x = _load_x(X, sx, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, b, b_ok, (K2 - 1 - i) + (K1 - 1 - j),
+                    P, HAS_CST)  # fmt: skip
+        y += wj[None, :] * x
+    if HAS_B1:
+        y += tl.load(B1 + c0 + b, mask=b_ok, other=0.0).to(tl.float32)[None, :]
     return y
 
 
@@ -127,14 +130,19 @@ def _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, cols, col_ok, HQ: tl.conste
 
 
 @triton.jit
-def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CST, s_cn, s_cc, s_cp,
+def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, s_cn, s_cc, s_cp,
             hh, grow, offs, docs, row_ok,
-            HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr,
-            RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-            K2P: tl.constexpr, P: tl.constexpr, NUM_CONVS: tl.constexpr, QK_MEAN: tl.constexpr,
+            HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+            HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, K1: tl.constexpr,
+            K2: tl.constexpr, P: tl.constexpr, NUM_CONVS: tl.constexpr, QK_MEAN: tl.constexpr,
             HAS_CST: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """``z`` (before the norm) of head ``hh`` for the tile's rows, as three fp32 column blocks: rotated first half
-    ``[BT, RB]``, rotated second half ``[BT, RB]`` and NoPE part ``[BT, NB]`` (masked columns are 0)."""
+    ``[BT, RB]``, rotated second half ``[BT, RB]`` and NoPE part ``[BT, NB]`` (masked columns are 0).
+
+    conv2 is a loop over ``BK``-wide chunks of its reduction axis (tap ``i``, input channel ``b``): each chunk
+    computes conv1 for those channels at row ``t - (k2 - 1) + i`` and adds ``Y1 @ W2[:, b, i]^T`` to every
+    output block (``W2T = conv2_weight.permute(2, 0, 1)``, ``[k2, C, d_h]``, so weight rows load contiguously).
+    """
     if hh < HQ:
         X = Q0 + hh * DH
     else:
@@ -145,40 +153,45 @@ def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B
     rn = tl.arange(0, NB)
     ok_h = ra < HALF
     ok_n = rn < NOPE
-    KC: tl.constexpr = K2P * BD
-    q = tl.arange(0, KC)
-    q_tap = q // BD
-    q_dim = q % BD
-    q_ok = (q_tap < K2) & (q_dim < DH)
-    y1 = tl.zeros([grow.shape[0], KC], dtype=tl.float32)
-    if NUM_CONVS == 2:  # stacked conv1 output: column (i, b) = Y1[t - (k2 - 1) + i, b]
-        for j in tl.static_range(K1):
-            wj = tl.load(W1 + (c0 + q_dim) * s_w1c + j * s_w1k, mask=q_ok, other=0.0).to(tl.float32)
-            shift = (K2 - 1 - q_tap) + (K1 - 1 - j)
-            x = _load_x(X, sx, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, q_dim, q_ok, shift[None, :],
-                        P, HAS_CST)  # fmt: skip
-            y1 += wj[None, :] * x
-        if HAS_B1:
-            y1 += tl.load(B1 + c0 + q_dim, mask=q_ok, other=0.0).to(tl.float32)[None, :]
-    y1 = y1.to(Q0.dtype.element_ty)
+    DT = Q0.dtype.element_ty
     za = tl.zeros([grow.shape[0], RB], dtype=tl.float32)
     zb = tl.zeros([grow.shape[0], RB], dtype=tl.float32)
     zc = tl.zeros([grow.shape[0], NB], dtype=tl.float32)
-    if HALF > 0:
-        za = _conv_block(y1, X, sx, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CST, s_cn, s_cc, s_cp,
-                         c0, grow, offs, docs, row_ok, ra, ok_h, q_tap, q_dim, q_ok,
-                         K1, P, NUM_CONVS, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
-        zb = _conv_block(y1, X, sx, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CST, s_cn, s_cc, s_cp,
-                         c0, grow, offs, docs, row_ok, HALF + ra, ok_h, q_tap, q_dim, q_ok,
-                         K1, P, NUM_CONVS, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
-        if QK_MEAN:
+    if NUM_CONVS == 2:
+        rk = tl.arange(0, BK)
+        for kc in range(0, K2 * BD, BK):
+            i = kc // BD
+            b = kc % BD + rk
+            b_ok = b < DH
+            y1 = _y1_chunk(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, b, b_ok,
+                           i, K1, K2, P, HAS_CST, HAS_B1).to(DT)  # fmt: skip
+            WT = W2T + i * s_t0 + c0 * s_t1 + b[None, :]
+            if HALF > 0:
+                wa = tl.load(WT + ra[:, None] * s_t1, mask=ok_h[:, None] & b_ok[None, :], other=0.0).to(DT)
+                za = tl.dot(y1, tl.trans(wa), za, input_precision=DOT_PREC)
+                wb = tl.load(WT + (HALF + ra)[:, None] * s_t1, mask=ok_h[:, None] & b_ok[None, :], other=0.0).to(DT)
+                zb = tl.dot(y1, tl.trans(wb), zb, input_precision=DOT_PREC)
+            if NOPE > 0:
+                wc = tl.load(WT + (2 * HALF + rn)[:, None] * s_t1, mask=ok_n[:, None] & b_ok[None, :], other=0.0)
+                zc = tl.dot(y1, tl.trans(wc.to(DT)), zc, input_precision=DOT_PREC)
+        if HAS_B2:
+            za += tl.load(B2 + c0 + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
+            zb += tl.load(B2 + c0 + HALF + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
+            zc += tl.load(B2 + c0 + 2 * HALF + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
+    else:
+        if HALF > 0:
+            za = _conv_block(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, ra,
+                             ok_h, K1, P, NUM_CONVS, HAS_CST, HAS_B1)  # fmt: skip
+            zb = _conv_block(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok,
+                             HALF + ra, ok_h, K1, P, NUM_CONVS, HAS_CST, HAS_B1)  # fmt: skip
+        if NOPE > 0:
+            zc = _conv_block(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok,
+                             2 * HALF + rn, ok_n, K1, P, NUM_CONVS, HAS_CST, HAS_B1)  # fmt: skip
+    if QK_MEAN:
+        if HALF > 0:
             za += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, ra, ok_h, HQ, G, DH)
             zb += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, HALF + ra, ok_h, HQ, G, DH)
-    if NOPE > 0:
-        zc = _conv_block(y1, X, sx, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CST, s_cn, s_cc, s_cp,
-                         c0, grow, offs, docs, row_ok, 2 * HALF + rn, ok_n, q_tap, q_dim, q_ok,
-                         K1, P, NUM_CONVS, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
-        if QK_MEAN:
+        if NOPE > 0:
             zc += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, 2 * HALF + rn, ok_n, HQ, G, DH)
     return za, zb, zc
 
@@ -194,11 +207,11 @@ def _head_scale(TEMP, hh, sqrt_dh, HQ: tl.constexpr, EXP_TEMP: tl.constexpr):
 
 @triton.jit
 def _cca_fwd_kernel(
-    Q0, K0, VC, VD, W1, B1, W2, B2, TEMP, COS, SIN, CU, CST, VST, Q, K, V,
-    s_q0, s_k0, s_vc, s_vd, s_w1c, s_w1k, s_w2o, s_w2i, s_w2k, s_cos, s_sin, s_cn, s_cc, s_cp, s_vsn,
+    Q0, K0, VC, VD, W1, B1, W2T, B2, TEMP, COS, SIN, CU, CST, VST, Q, K, V,
+    s_q0, s_k0, s_vc, s_vd, s_w1c, s_w1k, s_t0, s_t1, s_cos, s_sin, s_cn, s_cc, s_cp, s_vsn,
     s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, n_rows, sqrt_dh, eps,
-    HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr,
-    NOPE: tl.constexpr, NB: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K2P: tl.constexpr, P: tl.constexpr,
+    HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
+    RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, P: tl.constexpr,
     PP: tl.constexpr, NUM_CONVS: tl.constexpr, QK_MEAN: tl.constexpr, VALUE_SHIFT: tl.constexpr,
     EXP_TEMP: tl.constexpr, HAS_CST: tl.constexpr, HAS_VST: tl.constexpr, HAS_B1: tl.constexpr,
     HAS_B2: tl.constexpr, DECODE: tl.constexpr, BT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -220,9 +233,9 @@ def _cca_fwd_kernel(
         grow = bos + offs
         docs = offs * 0 + n
     G: tl.constexpr = HQ // HK
-    za, zb, zc = _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2, s_w2o, s_w2i, s_w2k, B2, CST, s_cn, s_cc,
-                         s_cp, hh, grow, offs, docs, row_ok, HQ, G, DH, BD, HALF, RB, NOPE, NB, K1, K2, K2P, P,
-                         NUM_CONVS, QK_MEAN, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
+    za, zb, zc = _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, s_cn, s_cc, s_cp,
+                         hh, grow, offs, docs, row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE, NB, K1, K2, P, NUM_CONVS,
+                         QK_MEAN, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
     sumsq = tl.sum(za * za, 1) + tl.sum(zb * zb, 1) + tl.sum(zc * zc, 1)
     f = (_head_scale(TEMP, hh, sqrt_dh, HQ, EXP_TEMP) / tl.maximum(tl.sqrt(sumsq), eps))[:, None]
     g64 = grow.to(tl.int64)[:, None]
@@ -336,10 +349,11 @@ class Meta:
 
     def constexprs(self) -> dict:
         half, nope = self.rotary_dim // 2, self.dh - self.rotary_dim
+        bd = max(16, next_power_of_2(self.dh))
         return dict(
-            HQ=self.hq, HK=self.hk, DH=self.dh, BD=max(16, next_power_of_2(self.dh)), HALF=half,
-            RB=max(16, next_power_of_2(half)), NOPE=nope, NB=max(16, next_power_of_2(nope)), K1=self.k1, K2=self.k2,
-            K2P=next_power_of_2(self.k2), P=self.pad, NUM_CONVS=self.num_convs, QK_MEAN=self.qk_mean,
+            HQ=self.hq, HK=self.hk, DH=self.dh, BD=bd, BK=min(bd, 64), HALF=half, RB=max(16, next_power_of_2(half)),
+            NOPE=nope, NB=max(16, next_power_of_2(nope)), K1=self.k1, K2=self.k2, P=self.pad,
+            NUM_CONVS=self.num_convs, QK_MEAN=self.qk_mean,
         )  # fmt: skip
 
 
@@ -375,19 +389,26 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
     return tuple(t.stride()[:n]) if t is not None else (0,) * n
 
 
-def launch_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu, max_seqlen, cst, vst,
+def conv2_transposed(w2: torch.Tensor | None) -> torch.Tensor | None:
+    """``conv2_weight [C, d_h, k2]`` as ``[k2, C, d_h]`` (contiguous): the kernels load weight rows contiguously."""
+    return None if w2 is None else w2.permute(2, 0, 1).contiguous()
+
+
+def launch_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2t, b2, temperature, cos, sin, cu, max_seqlen, cst, vst,
                q, k, v, *, decode: bool, config: FwdConfig | None = None) -> None:  # fmt: skip
-    """Launch the forward kernel writing ``q [T, h, d_h]``, ``k, v [T, h_k, d_h]`` (decode: also the states)."""
+    """Launch the forward kernel writing ``q [T, h, d_h]``, ``k, v [T, h_k, d_h]`` (decode: also the states).
+
+    ``w2t`` is :func:`conv2_transposed` of ``conv2_weight``.
+    """
     rows = q0.shape[0]
     if rows == 0:
         return
     cfg = config or default_fwd_config(meta.dh, decode)
     dummy = q0
     w1s = w1.stride() if w1 is not None else (0, 0)
-    w2s = w2.stride() if w2 is not None else (0, 0, 0)
     kw = dict(
         s_q0=q0.stride(0), s_k0=k0.stride(0), s_vc=v_cur.stride(0), s_vd=v_del.stride(0), s_w1c=w1s[0],
-        s_w1k=w1s[1], s_w2o=w2s[0], s_w2i=w2s[1], s_w2k=w2s[2],
+        s_w1k=w1s[1], s_t0=w2t.stride(0) if w2t is not None else 0, s_t1=w2t.stride(1) if w2t is not None else 0,
         s_cos=cos.stride(0) if cos is not None else 0, s_sin=sin.stride(0) if sin is not None else 0,
         s_cn=_strides(cst, 3)[0], s_cc=_strides(cst, 3)[1], s_cp=_strides(cst, 3)[2], s_vsn=_strides(vst, 1)[0],
         s_qt=q.stride(0), s_qh=q.stride(1), s_kt=k.stride(0), s_kh=k.stride(1), s_vt=v.stride(0), s_vh=v.stride(1),
@@ -398,7 +419,7 @@ def launch_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, co
         num_warps=cfg.num_warps, num_stages=1,
     )  # fmt: skip
     ptrs = [q0, k0, v_cur, v_del, w1 if w1 is not None else dummy, b1 if b1 is not None else dummy,
-            w2 if w2 is not None else dummy, b2 if b2 is not None else dummy, temperature,
+            w2t if w2t is not None else dummy, b2 if b2 is not None else dummy, temperature,
             cos if cos is not None else dummy, sin if sin is not None else dummy]  # fmt: skip
     heads = meta.hq + meta.hk
     if decode:
@@ -442,8 +463,9 @@ def final_states(meta: Meta, q0, k0, v_del, cu, cst, vst) -> tuple[torch.Tensor,
 
 def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens,
                      max_seqlen, initial_conv_state, initial_value_state, return_final_state,
-                     config: FwdConfig | None = None):  # fmt: skip
-    """Prefill forward (arguments as :func:`trimformer.ops.cca.cca_prologue`, validated there).
+                     config: FwdConfig | None = None, w2t: torch.Tensor | None = None):  # fmt: skip
+    """Prefill forward (arguments as :func:`trimformer.ops.cca.cca_prologue`, validated there; ``w2t``: a
+    precomputed :func:`conv2_transposed` of ``w2``).
 
     Returns:
         ``(q [T, h, d_h], k [T, h_k, d_h], v [T, h_k, d_h], final | None)`` in the dtype of ``q0``.
@@ -454,7 +476,8 @@ def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatu
     k = torch.empty(t, meta.hk, meta.dh, dtype=q0.dtype, device=q0.device)
     v = torch.empty(t, meta.hk, meta.dh, dtype=q0.dtype, device=q0.device)
     cst = initial_conv_state if meta.pad else None
-    launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,
+    w2t = conv2_transposed(w2) if w2t is None else w2t
+    launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2t, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,
                initial_value_state, q, k, v, decode=False, config=config)  # fmt: skip
     final = final_states(meta, q0, k0, v_del, cu_seqlens, cst, initial_value_state) if return_final_state else None
     return q, k, v, final
@@ -469,9 +492,17 @@ def cca_decode_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, conv_state, value_
     q = torch.empty(b, meta.hq, meta.dh, dtype=q0.dtype, device=q0.device)
     k = torch.empty(b, meta.hk, meta.dh, dtype=q0.dtype, device=q0.device)
     v = torch.empty(b, meta.hk, meta.dh, dtype=q0.dtype, device=q0.device)
-    launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, None, 1,
+    launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, conv2_transposed(w2), b2, temperature, cos, sin, None, 1,
                conv_state if meta.pad else None, value_state, q, k, v, decode=True, config=config)  # fmt: skip
     return q, k, v
 
 
-__all__ = ["FwdConfig", "Meta", "cca_decode_prologue_fwd", "cca_prologue_fwd", "make_meta", "unsupported_reason"]
+__all__ = [
+    "FwdConfig",
+    "Meta",
+    "cca_decode_prologue_fwd",
+    "cca_prologue_fwd",
+    "conv2_transposed",
+    "make_meta",
+    "unsupported_reason",
+]

@@ -256,9 +256,9 @@ def _breakdown(args, rec, log, cfg, name, b, s):
     cot = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]
     variants = {"prologue-triton": ("triton", None, None), "prologue-torch": ("torch", None, None)}
     if args.sweep and (name, dh, b, s) == ("CCA-4x", 128, 1, 16384):
-        for fc in ((64, 8), (128, 8), (32, 4)):
+        for fc in ((64, 8), (128, 8)):
             variants[f"prologue-triton[fwd {fc[0]}x w{fc[1]}]"] = ("triton", prologue_fwd.FwdConfig(*fc), None)
-        for bc in ((64, 4, 64, 64, 4), (64, 8, 32, 64, 8), (64, 8, 64, 128, 8)):
+        for bc in ((64, 4, 64, 64, 4), (64, 8, 32, 128, 8)):
             variants[f"prologue-triton[bwd {bc}]"] = ("triton", None, prologue_bwd.BwdConfig(*bc))
     meta = prologue_fwd.make_meta(lat[0], w[0], w[2], cos, qk_mean=True, value_shift=True, temperature_mode="linear",
                                   **kw)  # fmt: skip

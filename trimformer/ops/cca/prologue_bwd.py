@@ -310,32 +310,33 @@ def _reduce_kernel(PART, PBETA, DW2, DB2, DW1, DB1, DTEMP, TEMP, n_slots, n_slot
                    HAS_B2: tl.constexpr, HAS_W1: tl.constexpr, HAS_B1: tl.constexpr, BE: tl.constexpr):  # fmt: skip
     """Sum the partial rows ``PART [n_slots, ltot]`` / ``PBETA [n_slots_b, HK]`` and store each gradient."""
     pid = tl.program_id(0)
+    # (the two branches use distinct names: a runtime if/else may not re-bind one name to tiles of two shapes)
     if pid < n_blocks:
         e = pid * BE + tl.arange(0, BE)
         ok = e < ltot
-        acc = tl.zeros([BE], dtype=tl.float32)
-        ptr = PART + e  # advanced row by row: 64-bit pointer arithmetic, no int32 overflow
-        for _ in range(0, n_slots):
-            acc += tl.load(ptr, mask=ok, other=0.0)
-            ptr += ltot
+        acc_e = tl.zeros([BE], dtype=tl.float32)
+        ptr_e = PART + e  # advanced row by row: 64-bit pointer arithmetic, no int32 overflow
+        for _s in range(0, n_slots):
+            acc_e += tl.load(ptr_e, mask=ok, other=0.0)
+            ptr_e += ltot
         if HAS_W2:
-            tl.store(DW2 + e, acc, mask=e < o_b2)
+            tl.store(DW2 + e, acc_e, mask=e < o_b2)
         if HAS_B2:
-            tl.store(DB2 + (e - o_b2), acc, mask=(e >= o_b2) & (e < o_w1))
+            tl.store(DB2 + (e - o_b2), acc_e, mask=(e >= o_b2) & (e < o_w1))
         if HAS_W1:
-            tl.store(DW1 + (e - o_w1), acc, mask=(e >= o_w1) & (e < o_b1))
+            tl.store(DW1 + (e - o_w1), acc_e, mask=(e >= o_w1) & (e < o_b1))
         if HAS_B1:
-            tl.store(DB1 + (e - o_b1), acc, mask=(e >= o_b1) & ok)
+            tl.store(DB1 + (e - o_b1), acc_e, mask=(e >= o_b1) & ok)
     else:
-        j = tl.arange(0, HKP)
-        acc = tl.zeros([HKP], dtype=tl.float32)
-        ptr = PBETA + j
-        for _ in range(0, n_slots_b):
-            acc += tl.load(ptr, mask=j < HK, other=0.0)
-            ptr += HK
+        jh = tl.arange(0, HKP)
+        acc_t = tl.zeros([HKP], dtype=tl.float32)
+        ptr_t = PBETA + jh
+        for _t in range(0, n_slots_b):
+            acc_t += tl.load(ptr_t, mask=jh < HK, other=0.0)
+            ptr_t += HK
         if EXP_TEMP:  # beta = exp(T): dT = dbeta * beta
-            acc *= tl.exp(tl.load(TEMP + j, mask=j < HK, other=0.0).to(tl.float32))
-        tl.store(DTEMP + j, acc, mask=j < HK)
+            acc_t *= tl.exp(tl.load(TEMP + jh, mask=jh < HK, other=0.0).to(tl.float32))
+        tl.store(DTEMP + jh, acc_t, mask=jh < HK)
 
 
 def _chunk_rows(cfg: BwdConfig, ext_len: int, programs_per_chunk: int, device: torch.device) -> int:

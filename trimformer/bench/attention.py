@@ -57,7 +57,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--sweep", action="store_true", help="with --breakdown: other prologue launch configs")
     parser.add_argument("--rep-ms", type=float, default=60.0, help="timing budget per point (ms of GPU time)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--render", default="", help="only re-render attention.md/PNGs from this run id")
+    parser.add_argument("--render", default="", help="only re-render attention.md/PNGs from these run ids (comma list)")
+    parser.add_argument("--render-appendix", default="", help="with --render: run ids for an appendix section")
 
 
 def method_configs(head_dim: int) -> dict:
@@ -321,7 +322,7 @@ def run(args) -> int:
 
     if args.render:
         rec = Recorder.for_suite("attention", args.out)
-        print(render(rec.csv_path, args.render, rec.out_dir))
+        print(render(rec.csv_path, args.render, rec.out_dir, args.render_appendix))
         return 0
     if not torch.cuda.is_available():
         raise ValueError("the attention suite needs a CUDA GPU")
@@ -385,34 +386,43 @@ def _ratio(a: float, b: float) -> float:
     return a / b if (a and b and not math.isnan(a) and not math.isnan(b)) else _NAN
 
 
-def _index(rows):
-    """``{(metric, method, d, B, S_or_ctx): (provider, p50)}``: for each point the fastest provider of the main
-    comparison (``ours`` for CCA, the winning PyTorch path for baselines; decode: best of both paths)."""
-    idx, extra = {}, {}
+def _index(rows, order=()):
+    """``{(metric, method, d, B, S_or_ctx): (provider, p50)}``: per point the fastest provider of the main comparison
+    (``ours`` for CCA, the winning PyTorch path for baselines; decode: best of both paths), taken from the first run
+    of ``order`` that measured the point (a repeated measurement in a later run never replaces it)."""
+    rank = {run: i for i, run in enumerate(order)}
+    idx, extra, src = {}, {}, {}
     for r in rows:
         p = r["params"]
         if "method" not in p or p.get("part"):
             continue
         key = (r["metric"], p["method"], p["head_dim"], p["batch"], p.get("seqlen", p.get("context")))
+        k = rank.get(r["run_id"], len(rank))
         if p["method"] in OURS and r["provider"] != "ours":  # CCA on the PyTorch path: its own table
-            extra[key] = min(r["p50"], extra.get(key, math.inf))
+            if k < src.get(("x", key), math.inf) or (k == src[("x", key)] and r["p50"] < extra[key]):
+                extra[key], src[("x", key)] = r["p50"], k
             continue
-        if key not in idx or r["p50"] < idx[key][1]:
-            idx[key] = (r["provider"], r["p50"])
+        if k < src.get(key, math.inf) or (k == src[key] and r["p50"] < idx[key][1]):
+            idx[key], src[key] = (r["provider"], r["p50"]), k
     return idx, extra
 
 
-def render(csv_path, run_ids: str, out_dir) -> str:
-    """``attention.md`` and ``attention-*.png`` from the rows of ``run_ids`` (comma list) in ``csv_path``."""
+def _runs(text: str) -> set[str]:
+    return {x.strip() for x in text.split(",") if x.strip()}
+
+
+def render(csv_path, run_ids: str, out_dir, appendix_runs: str = "") -> str:
+    """``attention.md`` and ``attention-*.png`` from the rows of ``run_ids`` (comma list) in ``csv_path``; the rows of
+    ``appendix_runs`` (earlier kernel versions) get their own section at the end, never mixed into the main tables."""
     from pathlib import Path
 
-    from trimformer.bench.common import markdown_table, read_rows
+    from trimformer.bench.common import read_rows
 
-    wanted = {x.strip() for x in run_ids.split(",") if x.strip()}
-    rows = [r for r in read_rows(csv_path) if r["run_id"] in wanted]
+    all_rows = read_rows(csv_path)
+    wanted = _runs(run_ids)
+    rows = [r for r in all_rows if r["run_id"] in wanted]
     if not rows:
         raise ValueError(f"no rows of run(s) {sorted(wanted)} in {csv_path}")
-    idx, unfused = _index(rows)
     r0 = rows[0]
     md = [f"# attention: CCA / CCGQA vs MHA / GQA / MLA layers (paper App. D protocol)\n\n"
           f"device {r0['device']}; torch {r0['torch']}, triton {r0['triton']}, CUDA {r0['cuda']}; git "
@@ -422,12 +432,30 @@ def render(csv_path, run_ids: str, out_dir) -> str:
           "PyTorch op costs tens of microseconds of host time, so short eager calls are launch-bound). Baselines: "
           "the fastest PyTorch SDPA path per point (backend listed below); CCA/CCGQA: our Triton kernels (fused "
           "prologue + flash attention / flash decoding). Speed-up = baseline ms / method ms.\n\n"]  # fmt: skip
+    order = [x.strip() for x in run_ids.split(",") if x.strip()]
+    idx, get, dims, batches, methods = _body(rows, md, level="##", order=order)
+    _plots(idx, Path(out_dir), dims, batches, methods, get)
+    extra = [r for r in all_rows if r["run_id"] in _runs(appendix_runs)]
+    if extra:
+        md.append(f"\n# Appendix: earlier kernel version, run(s) {', '.join(sorted(_runs(appendix_runs)))} (git "
+                  f"{', '.join(sorted({r['git_sha'] or '-' for r in extra}))})\n\n")  # fmt: skip
+        _body(extra, md, level="###", order=[x.strip() for x in appendix_runs.split(",") if x.strip()])
+    text = "".join(md)
+    (Path(out_dir) / "attention.md").write_text(text)
+    return text
+
+
+def _body(rows, md: list[str], level: str, order=()):
+    """Append the tables of ``rows`` to ``md``; returns ``(idx, get, dims, batches, methods)``."""
+    from trimformer.bench.common import markdown_table
+
+    idx, unfused = _index(rows, order)
     dims = sorted({k[2] for k in idx})
     batches = sorted({k[3] for k in idx})
     methods = [m for m in METHODS if any(k[1] == m for k in idx)]
     ratios = [("CCA-4x", "MHA"), ("CCA-4x", "GQA-8"), ("CCGQA-2x/8x", "MHA"), ("CCGQA-2x/8x", "GQA-8")]
     get = lambda metric, m, d, b, s: idx.get((metric, m, d, b, s), (None, _NAN))[1]
-    md.append(_headline(idx, get))
+    md.append(_headline(idx, get).replace("## ", level + " ", 1))
     for metric, title in (("fwd (cuda graph)", "Prefill forward, GPU time (CUDA graph)"),
                           ("fwd+bwd (cuda graph)", "Forward + backward (training step), GPU time (CUDA graph)"),
                           ("fwd", "Prefill forward, eager call (host launch overhead included)"),
@@ -441,7 +469,7 @@ def render(csv_path, run_ids: str, out_dir) -> str:
                 table = [[s, *[get(metric, m, d, b, s) for m in methods],
                           *[_ratio(get(metric, c, d, b, s), get(metric, a, d, b, s)) for a, c in ratios]]
                          for s in seqs]  # fmt: skip
-                md.append(f"\n## {title}: d_h = {d}, B = {b}\n\n" + markdown_table(head, table))
+                md.append(f"\n{level} {title}: d_h = {d}, B = {b}\n\n" + markdown_table(head, table))
     dec = sorted({(k[2], k[3], k[4]) for k in idx if k[0] == "decode (cuda graph)"})
     if dec:
         head = ["d_h", "B", "context", *[f"{m} ms" for m in methods], "CCGQA vs MHA", "CCA-4x vs MHA"]
@@ -450,29 +478,26 @@ def render(csv_path, run_ids: str, out_dir) -> str:
             vals = [get("decode (cuda graph)", m, d, b, c) for m in methods]
             mha, cc, c4 = (get("decode (cuda graph)", m, d, b, c) for m in ("MHA", "CCGQA-2x/8x", "CCA-4x"))
             table.append([d, b, c, *vals, _ratio(mha, cc), _ratio(mha, c4)])
-        md.append("\n## One decode step (CUDA graph; baselines: best of PyTorch's cache path and our flash-decoding)"
-                  "\n\n" + markdown_table(head, table))  # fmt: skip
-    md.append(_breakdown_table(rows, markdown_table))
+        md.append(f"\n{level} One decode step (CUDA graph; baselines: best of PyTorch's cache path and our "
+                  "flash-decoding)\n\n" + markdown_table(head, table))  # fmt: skip
+    md.append(_breakdown_table(rows, markdown_table, order).replace("\n## ", f"\n{level} "))
     if unfused:
         head = ["metric", "method", "d_h", "B", "S", "PyTorch path ms", "ours ms", "ours speed-up"]
         table = [[k[0], k[1], k[2], k[3], k[4], v, idx.get(k, (None, _NAN))[1], _ratio(v, idx.get(k, (0, _NAN))[1])]
                  for k, v in sorted(unfused.items())]  # fmt: skip
-        md.append("\n## CCA on plain PyTorch (vectorised prologue + best SDPA) vs the fused kernels\n\n"
+        md.append(f"\n{level} CCA on plain PyTorch (vectorised prologue + best SDPA) vs the fused kernels\n\n"
                   + markdown_table(head, table))  # fmt: skip
     winners = {}
     for (metric, m, d, b, s), (prov, _) in idx.items():
         if m not in OURS:
             winners.setdefault((m, metric, prov), []).append(f"d{d}/B{b}/{s}")
     md.append(
-        "\n## Baseline path per point (fastest of the probed PyTorch paths)\n\n"
+        f"\n{level} Baseline path per point (fastest of the probed PyTorch paths)\n\n"
         + markdown_table(
             ["method", "metric", "path", "points"], [[m, mt, p, len(v)] for (m, mt, p), v in sorted(winners.items())]
         )
     )
-    _plots(idx, Path(out_dir), dims, batches, methods, get)
-    text = "".join(md)
-    (Path(out_dir) / "attention.md").write_text(text)
-    return text
+    return idx, get, dims, batches, methods
 
 
 def _headline(idx, get) -> str:
@@ -498,29 +523,35 @@ def _headline(idx, get) -> str:
     )
 
 
-def _breakdown_table(rows, markdown_table) -> str:
-    parts = {}
+def _breakdown_table(rows, markdown_table, order=()) -> str:
+    rank = {run: i for i, run in enumerate(order)}
+    parts, src = {}, {}
     for r in rows:
         p = r["params"]
         if p.get("part"):
+            timing = "graph" if "(cuda graph)" in r["metric"] else "eager"
             metric = r["metric"].replace(" (cuda graph)", "")
-            parts[(p["method"], p["head_dim"], p["batch"], p["seqlen"], r["provider"], metric)] = r["p50"]
-    keys = sorted({k[:4] for k in parts})
+            key = (p["method"], p["head_dim"], p["batch"], p["seqlen"], timing, r["provider"], metric)
+            k = rank.get(r["run_id"], len(rank))
+            if k < src.get(key, math.inf):  # the first listed run that measured it
+                parts[key], src[key] = r["p50"], k
+    keys = sorted({k[:5] for k in parts})
     if not keys:
         return ""
     table = []
-    for m, d, b, s in keys:
+    for m, d, b, s, timing in keys:
         for mode in ("fwd", "fwd+bwd"):
-            pro, pt, core = (parts.get((m, d, b, s, p, mode), _NAN) for p in
+            pro, pt, core = (parts.get((m, d, b, s, timing, p, mode), _NAN) for p in
                              ("prologue-triton", "prologue-torch", "attention-core"))  # fmt: skip
-            table.append([m, d, b, s, mode, pro, pt, core, _ratio(pro, core) * 100, _ratio(pt, pro)])
-    sweep = sorted((k, v) for k, v in parts.items() if "[" in k[4])
-    text = "\n## Prologue vs attention core (ops alone, GPU time from CUDA graphs, on the layer's latent shapes)\n\n"
-    text += markdown_table(["method", "d_h", "B", "S", "mode", "fused prologue ms", "PyTorch prologue ms",
-                            "attention core ms", "prologue / core %", "fused speed-up"], table)  # fmt: skip
+            table.append([m, d, b, s, timing, mode, pro, pt, core, _ratio(pro, core) * 100, _ratio(pt, pro)])
+    sweep = sorted((k, v) for k, v in parts.items() if "[" in k[5])
+    text = "\n## Prologue vs attention core (ops alone, on the layer's latent shapes; timing: CUDA-graph GPU time or "
+    text += "eager call)\n\n" + markdown_table(
+        ["method", "d_h", "B", "S", "timing", "mode", "fused prologue ms", "PyTorch prologue ms", "attention core ms",
+         "prologue / core %", "fused speed-up"], table)  # fmt: skip
     if sweep:
-        text += "\n### Prologue launch configurations (CUDA graph ms)\n\n" + markdown_table(
-            ["method", "d_h", "B", "S", "config", "mode", "ms"], [[*k[:4], k[4], k[5], v] for k, v in sweep]
+        text += "\n### Prologue launch configurations (ms)\n\n" + markdown_table(
+            ["method", "d_h", "B", "S", "timing", "config", "mode", "ms"], [[*k[:6], k[6], v] for k, v in sweep]
         )
     return text
 
@@ -531,23 +562,28 @@ def _plots(idx, out_dir, dims, batches, methods, get) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     for metric, fname in (("fwd (cuda graph)", "attention-fwd.png"), ("fwd+bwd (cuda graph)", "attention-fwd-bwd.png")):
         cells = [(d, b) for d in dims for b in batches if any(k[0] == metric and k[2:4] == (d, b) for k in idx)]
         if not cells:
             continue
-        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), dpi=110, squeeze=False)
+        fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells) + 1.6, 3.8), dpi=110, squeeze=False)
+        handles = {}
         for ax, (d, b) in zip(axes[0], cells):
             for m in methods:
                 pts = sorted((k[4], v[1]) for k, v in idx.items() if k[:4] == (metric, m, d, b))
                 if pts:
-                    ax.plot(*zip(*pts), marker="o", markersize=3, label=m, linestyle="-" if m in OURS else "--")
+                    (line,) = ax.plot(*zip(*pts), marker="o", markersize=3, color=colors[m],
+                                      linestyle="-" if m in OURS else "--")  # fmt: skip
+                    handles[m] = line
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{metric}, d_h={d}, B={b}", fontsize=9)
             ax.set_xlabel("S")
             ax.grid(True, alpha=0.3)
         axes[0][0].set_ylabel("ms (median)")
-        axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
+        order = [m for m in METHODS if m in handles]
+        fig.legend([handles[m] for m in order], order, loc="center right", fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1 - 1.5 / (4.2 * len(cells) + 1.6), 1))
         fig.savefig(out_dir / fname)
         plt.close(fig)

@@ -18,11 +18,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "Encoder": "trimformer.engine.encoder",
     "CCAttention": "trimformer.layers.cca",
+    "TrimformerConfig": "trimformer.models.lm",
+    "TrimformerForCausalLM": "trimformer.models.lm",
 }
 
 if TYPE_CHECKING:
     from trimformer.engine.encoder import Encoder  # noqa: F401
     from trimformer.layers.cca import CCAttention  # noqa: F401
+    from trimformer.models.lm import TrimformerConfig, TrimformerForCausalLM  # noqa: F401
 
 __all__ = ["__version__", *_LAZY]
 

@@ -23,9 +23,24 @@ def _env():
     return env
 
 
+# The CLI with F.linear failing as it does where a device lacks kernels for a dtype (e.g. fp16 GEMMs on old CPUs).
+_NO_HALF = (
+    "import sys, torch, torch.nn.functional as F\n"
+    "def linear(x, *a, **k):\n"
+    "    if x.dtype == torch.float16: raise RuntimeError(\"'addmm_impl_cpu_' not implemented for 'Half'\")\n"
+    "F.linear = linear\n"
+    "from trimformer.cli import main\n"
+    "raise SystemExit(main(sys.argv[1:]))\n"
+)
+
+
 def _start(args, stdin=None):
+    if args[0] == "--no-half":
+        cmd = [sys.executable, "-c", _NO_HALF, *args[1:]]
+    else:
+        cmd = [sys.executable, "-m", "trimformer", *args]
     return subprocess.Popen(
-        [sys.executable, "-m", "trimformer", *args],
+        cmd,
         stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -130,6 +145,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         "folder": (["embed", "--model", str(tmp_path / "no-model")], "does not exist"),
         "model-type": (["embed", "--model", str(gpt2)], "unsupported model_type 'gpt2'; supported: albert, bert"),
         "dtype": (["embed", "--device", "cpu", "--dtype", "float8"], "unknown dtype 'float8'"),
+        "no-half": (
+            ["--no-half", "embed", "--device", "cpu", "--dtype", "fp16"],
+            "dtype torch.float16 cannot run on cpu: 'addmm_impl_cpu_' not implemented for 'Half'",
+        ),
     }
     if not torch.cuda.is_available():
         cases["cuda"] = (["embed", "--device", "cuda"], "CUDA is not available")

@@ -65,6 +65,7 @@ def test_embed_matches_sentence_transformers(enc, texts, st_model):
     ours = enc.embed(texts)
     ref = st_model.encode(texts, batch_size=32, convert_to_tensor=True).float().cpu()
     assert ours.shape == (len(texts), 384) and ours.dtype == torch.float32
+    assert not ours.is_inference()  # usable outside inference mode (autograd, in-place edits)
     cos = F.cosine_similarity(ours, ref)
     worst = int(cos.argmin())
     assert cos.min() >= 0.99999, f"text {worst} {texts[worst][:40]!r}: cosine {cos[worst]:.7f}"

@@ -33,9 +33,10 @@ from trimformer.models.encoders import EncoderConfig, EncoderModel, load_encoder
 from trimformer.ops.varlen import PackedBatch
 
 DEFAULT_BATCH_TOKENS = 16384
-#: On CPU one forward's largest activation (``[T, max(3H, I)]``) is kept under this many bytes: glibc serves bigger
-#: blocks with fresh ``mmap`` calls, so each such tensor is page-faulted in (and zeroed) on every allocation, which
-#: costs more than larger GEMMs gain (measured: 16k-token forwards of MiniLM take ~2x longer per token than 4k ones).
+#: On CPU one forward's largest activation (``[T, max(3H, I)]``) is kept under this many bytes: glibc serves blocks
+#: above its mmap threshold (32 MiB at most) with fresh ``mmap`` calls, so each such tensor is page-faulted in and
+#: zeroed on every allocation (measured with MiniLM on 2,000 texts: 2-4 million minor faults with 16k-token forwards,
+#: none with 4k-token ones), while GEMMs gain nothing from more rows (``trimformer bench embed-cpu`` sweeps this).
 CPU_FORWARD_BYTES = 24 * 2**20
 
 
@@ -315,24 +316,26 @@ class Encoder:
         norm = self.default_normalize if normalize is None else bool(normalize)
         lists = self._check_token_lists(token_id_lists, token_type_ids)
         n = len(lists)
-        out = torch.empty(n, self.hidden_size, dtype=torch.float32, device=self.device)
         if n == 0:
-            return out.cpu()
+            return torch.empty(0, self.hidden_size, dtype=torch.float32)
         batches = plan_batches([len(ids) for ids in lists], self.forward_tokens(batch_tokens))
         progress = _progress(n, show_progress)
+        chunks = []
         with torch.inference_mode():
             for rows in batches:
                 types = None if token_type_ids is None else [token_type_ids[i] for i in rows]
                 batch = self.pack([lists[i] for i in rows], types)
                 vectors = pool(self.model.forward_packed(batch), batch.cu_seqlens, mode)
-                if norm:
-                    vectors = F.normalize(vectors, p=2.0, dim=-1)
-                out[torch.tensor(rows, device=self.device)] = vectors
+                chunks.append(F.normalize(vectors, p=2.0, dim=-1) if norm else vectors)
                 if progress is not None:
                     progress.update(len(rows))
+            # one device-to-host copy at the end, then rows back into input order
+            pooled = torch.cat(chunks).cpu()
         if progress is not None:
             progress.close()
-        return out.cpu()
+        out = torch.empty_like(pooled)
+        out[torch.tensor([i for rows in batches for i in rows])] = pooled
+        return out
 
     # ------------------------------------------------------------------ helpers
     def _resolve_pooling(self, pooling: str | None) -> str:

@@ -66,13 +66,20 @@ class PackedBatch:
         return self.input_ids.device
 
     def to(self, device: torch.device | str, *, non_blocking: bool = True) -> PackedBatch:
-        """The same batch with its tensors on ``device`` (host metadata unchanged; no-op when already there)."""
+        """The same batch with its tensors on ``device`` (host metadata unchanged; no-op when already there).
+
+        Host-to-GPU copies go through pinned memory and are asynchronous by default, so packing the next batch on
+        the host overlaps with the GPU still running this one.
+        """
         device = torch.device(device)
         if self.input_ids.device == device:
             return self
+        pin = non_blocking and device.type == "cuda" and self.input_ids.device.type == "cpu"
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
+            if t is None:
+                return None
+            return (t.pin_memory() if pin else t).to(device, non_blocking=non_blocking)
 
         return PackedBatch(
             input_ids=move(self.input_ids),
@@ -131,7 +138,7 @@ class PackedBatch:
             padded_len=max_seqlen,
             indices=indices,
         )
-        return batch if device is None else batch.to(device, non_blocking=False)
+        return batch if device is None else batch.to(device)
 
     @classmethod
     def from_padded(

@@ -64,6 +64,7 @@ def varlen_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    window: int | tuple[int, int] | None = None,
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """Softmax attention over packed variable-length sequences; no work is done on padding.
@@ -76,10 +77,14 @@ def varlen_attention(
         max_seqlen: longest sequence, as a host ``int`` (never read back from the device).
         causal: token ``i`` of a sequence sees tokens ``<= i`` of the same sequence only.
         scale: logit scale, default ``1/sqrt(D)``.
+        window: local (sliding-window) attention: ``(left, right)`` half-widths, token ``i`` sees tokens
+            ``i - left .. i + right`` of its sequence (an int ``w`` means ``(w, w)``; ModernBERT's local layers use
+            ``local_attention // 2``). ``None``: global attention. Combined with ``causal`` the right side is 0.
         impl: see the module docstring.
 
     Returns:
-        ``[T, Hq, D]`` in the dtype of ``q``; differentiable with respect to q, k and v on every path.
+        ``[T, Hq, D]`` in the dtype of ``q``; differentiable with respect to q, k and v on every path (a windowed
+        call that needs gradients runs on the PyTorch path: the Triton backward has no window).
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
@@ -97,18 +102,45 @@ def varlen_attention(
         if not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    window = _normalize_window(window, causal)
     if impl in ("auto", "triton"):
         reason = _triton_unsupported_reason(q, k)
+        if reason is None and window is not None and _needs_grad(q, k, v):
+            reason = "a windowed call that needs gradients (the Triton backward has no window)"
         if impl == "triton" and reason is not None:
             raise ValueError(f"impl='triton' cannot run this input: {reason}")
         impl = "triton" if reason is None and (impl == "triton" or q.is_cuda) else "torch"
     if impl == "naive":
         from trimformer.ops.attention.naive import naive_varlen_attention
 
-        return naive_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+        return naive_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, window=window)
     if impl == "torch":
-        return torch_path.torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+        return torch_path.torch_varlen_attention(
+            q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, window=window
+        )
+    if window is not None:
+        return _kernel_module("forward").varlen_attention_fwd(
+            q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, window=window
+        )
     return _triton_varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _normalize_window(window: int | tuple[int, int] | None, causal: bool) -> tuple[int, int] | None:
+    """``None`` or ``(left, right)`` non-negative ints (right 0 when causal); ``ValueError`` for anything else."""
+    if window is None:
+        return None
+    pair = (window, window) if isinstance(window, int) and not isinstance(window, bool) else window
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in pair)
+    ):
+        raise ValueError(f"window must be None, a non-negative int or a (left, right) pair of them, got {window!r}")
+    return (int(pair[0]), 0 if causal else int(pair[1]))
 
 
 _KERNELS: dict[str, object] = {}  # kernel modules imported once, on first use (after TRITON_INTERPRET is settled)

@@ -7,6 +7,9 @@ empty program. Causal masks are applied only on the diagonal band of key blocks,
 last block. When the longest sequence fits one key block (short sequences, as ByteTransformer's fused short-MHA
 kernel) the whole sequence is one tile and the softmax is computed directly, with no online rescaling loop.
 
+A sliding window (``window=(left, right)``, ModernBERT's local layers) is a compile-time branch: the key loop covers
+only the blocks the query tile's band touches, with the band mask applied on them; the global path is unchanged.
+
 Head dims that are not powers of two are padded to the next power of two (at least 16) inside the tile with masked
 loads and stores. Packed layout: ``q [T, Hq, D]``, ``k, v [T, Hk, D]`` (any token/head strides, unit stride on
 ``D``), ``cu_seqlens [N + 1]`` int32 on the device, ``max_seqlen`` a host int: no host syncs.
@@ -103,13 +106,17 @@ def _fwd_block_loop(
     d_ok,
     seqlen,
     qk_scale,
+    win_left,
+    win_right,
     BLOCK_N: tl.constexpr,
     MASK_KEYS: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WINDOW: tl.constexpr = False,
 ):
-    """Online-softmax over key blocks ``[lo, hi)``; ``k_ptrs``/``v_ptrs`` point at key row ``lo``."""
+    """Online-softmax over key blocks ``[lo, hi)``; ``k_ptrs``/``v_ptrs`` point at key row ``lo``. With ``WINDOW``
+    key ``j`` is visible to query ``i`` only when ``i - win_left <= j <= i + win_right``."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASK_KEYS:
@@ -127,9 +134,17 @@ def _fwd_block_loop(
             s = tl.where((cols[None, :] <= offs_m[:, None]) & (cols[None, :] < seqlen), s, float("-inf"))
         elif MASK_KEYS:
             s = tl.where(cols[None, :] < seqlen, s, float("-inf"))
+        if WINDOW:
+            band = (cols[None, :] >= offs_m[:, None] - win_left) & (cols[None, :] <= offs_m[:, None] + win_right)
+            s = tl.where(band, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        if WINDOW:  # a row may see no key of this block yet: keep its max at -inf but subtract a finite one
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s * qk_scale - m_sub[:, None])
+            alpha = tl.exp2(m_i - m_sub)
+        else:
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -158,6 +173,8 @@ def _varlen_fwd_kernel(
     stride_lh,
     qk_scale,
     n_m_blocks,
+    win_left,
+    win_right,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -167,6 +184,7 @@ def _varlen_fwd_kernel(
     SINGLE_TILE: tl.constexpr,
     STORE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WINDOW: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest (last) query tiles first: better load balance
@@ -192,7 +210,20 @@ def _varlen_fwd_kernel(
     kv_rows = (bos + offs_n).to(tl.int64)
     k_ptrs = K + kv_rows[:, None] * stride_kt + kh * stride_kh + offs_d[None, :]  # [BN, BD]
     v_ptrs = V + kv_rows[:, None] * stride_vt + kh * stride_vh + offs_d[None, :]
-    if SINGLE_TILE:
+    if WINDOW:  # only the key blocks the band of this query tile touches, every one masked
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo = (tl.maximum(start_m - win_left, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(start_m + BLOCK_M + win_right, seqlen)
+        if CAUSAL:
+            hi = tl.minimum(start_m + BLOCK_M, seqlen)
+        acc, l_i, m_i = _fwd_block_loop(
+            acc, l_i, m_i, q, k_ptrs + lo.to(tl.int64) * stride_kt, v_ptrs + lo.to(tl.int64) * stride_vt,
+            stride_kt, stride_vt, lo, hi, offs_m, offs_n, d_ok, seqlen, qk_scale, win_left, win_right,
+            BLOCK_N, True, CAUSAL, EVEN_D, DOT_PREC, True,
+        )  # fmt: skip
+    elif SINGLE_TILE:
         kmask = offs_n < seqlen
         k = tl.load(k_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)
         v = tl.load(v_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)
@@ -217,11 +248,11 @@ def _varlen_fwd_kernel(
             hi = seqlen
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, mid, offs_m, offs_n, d_ok, seqlen, qk_scale,
-            BLOCK_N, False, False, EVEN_D, DOT_PREC,
+            0, 0, BLOCK_N, False, False, EVEN_D, DOT_PREC,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs + mid.to(tl.int64) * stride_kt, v_ptrs + mid.to(tl.int64) * stride_vt,
-            stride_kt, stride_vt, mid, hi, offs_m, offs_n, d_ok, seqlen, qk_scale,
+            stride_kt, stride_vt, mid, hi, offs_m, offs_n, d_ok, seqlen, qk_scale, 0, 0,
             BLOCK_N, True, CAUSAL, EVEN_D, DOT_PREC,
         )  # fmt: skip
     acc = acc / l_i[:, None]
@@ -249,6 +280,7 @@ def varlen_attention_fwd(
     scale: float,
     return_lse: bool = False,
     config: FwdConfig | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch the varlen forward kernel. Inputs are assumed validated by ``api.py``.
 
@@ -260,6 +292,7 @@ def varlen_attention_fwd(
         scale: logit scale.
         return_lse: also return the natural-log logsumexp of the scaled logits, ``[Hq, T]`` fp32.
         config: launch configuration override (benchmarks); default :func:`default_fwd_config`.
+        window: ``(left, right)`` non-negative half-widths of a sliding window, or ``None`` (global attention).
 
     Returns:
         ``out [T, Hq, D]`` (contiguous, dtype of q), or ``(out, lse)`` when ``return_lse``.
@@ -284,10 +317,11 @@ def varlen_attention_fwd(
             q, k, v, out, lse, cu_seqlens if s0 == 0 else cu_seqlens[s0:],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0) if return_lse else 0,
-            qk_scale, n_m,
+            qk_scale, n_m, 0 if window is None else window[0], 0 if window is None else window[1],
             GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=bool(causal), SINGLE_TILE=cfg.block_n >= max_seqlen, STORE_LSE=return_lse,
-            DOT_PREC=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DOT_PREC=dot_precision(q.dtype), WINDOW=window is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -11,7 +11,13 @@ import torch
 
 
 def naive_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Dense softmax attention of one sequence.
 
@@ -19,6 +25,8 @@ def naive_attention(
         q: ``[S_q, Hq, D]``; k, v: ``[S_k, Hk, D]`` with ``Hq % Hk == 0`` (query head h uses kv head h // (Hq // Hk)).
         causal: bottom-right aligned mask: query i sees keys j <= i + S_k - S_q.
         scale: logit scale, default ``1/sqrt(D)``.
+        window: ``(left, right)``: query i (at key position ``i + S_k - S_q``) sees keys within ``left`` before and
+            ``right`` after it; ``None`` for no window.
 
     Returns:
         ``[S_q, Hq, D]`` in the dtype of ``q``.
@@ -30,10 +38,12 @@ def naive_attention(
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    i = torch.arange(s_q, device=q.device)[:, None] + (s_k - s_q)
+    j = torch.arange(s_k, device=q.device)[None, :]
     if causal:
-        i = torch.arange(s_q, device=q.device)[:, None]
-        j = torch.arange(s_k, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + (s_k - s_q), float("-inf"))
+        scores = scores.masked_fill(j > i, float("-inf"))
+    if window is not None:
+        scores = scores.masked_fill((j < i - window[0]) | (j > i + window[1]), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v)
 
@@ -47,13 +57,17 @@ def naive_varlen_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Reference for :func:`trimformer.ops.attention.varlen_attention`: one dense attention per packed segment."""
+    """Reference for :func:`trimformer.ops.attention.varlen_attention`: one dense attention per packed segment
+    (``window`` as a ``(left, right)`` pair or ``None``)."""
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
-            out[start:end] = naive_attention(q[start:end], k[start:end], v[start:end], causal=causal, scale=scale)
+            out[start:end] = naive_attention(
+                q[start:end], k[start:end], v[start:end], causal=causal, scale=scale, window=window
+            )
     return out
 
 

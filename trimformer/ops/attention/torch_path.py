@@ -30,7 +30,7 @@ class _Bucket:
 _plan_cache: dict[str, tuple[torch.Tensor, tuple[_Bucket, ...]]] = {}
 
 
-def _bucket_plan(cu_seqlens: torch.Tensor) -> tuple[_Bucket, ...]:
+def bucket_plan(cu_seqlens: torch.Tensor) -> tuple[_Bucket, ...]:
     """Group segments into similar-length buckets; cached for the last ``cu_seqlens`` object (reused by every layer)."""
     cached = _plan_cache.get("last")
     if cached is not None and cached[0] is cu_seqlens:
@@ -71,14 +71,16 @@ def bucketed_sdpa_varlen(
     *,
     causal: bool,
     scale: float,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Varlen attention as a few padded SDPA calls. Shapes as in ``varlen_attention``."""
+    """Varlen attention as a few padded SDPA calls. Shapes as in ``varlen_attention``; ``window`` is ``(left,
+    right)`` or ``None``."""
     total, hq, d = q.shape
     hk = k.shape[1]
     out = q.new_zeros(total + 1, hq, d)
     zero = q.new_zeros(1, hq, d)
     qz, kz, vz = torch.cat([q, zero]), torch.cat([k, zero[:, :hk]]), torch.cat([v, zero[:, :hk]])
-    for b in _bucket_plan(cu_seqlens):
+    for b in bucket_plan(cu_seqlens):
         n, length = b.rows.shape
         qb = qz[b.rows].transpose(1, 2)  # [n, Hq, L, D]
         kb = kz[b.rows].transpose(1, 2)  # [n, Hk, L, D]
@@ -89,7 +91,11 @@ def bucketed_sdpa_varlen(
         mask = b.key_mask
         if causal:
             mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-        if n == 1 and not causal:
+        if window is not None:
+            ar = torch.arange(length, device=q.device)
+            rel = ar[None, :] - ar[:, None]  # key - query
+            mask = mask & ((rel >= -window[0]) & (rel <= window[1]))
+        if n == 1 and not causal and window is None:
             ob = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
         else:
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
@@ -117,9 +123,12 @@ def torch_varlen_attention(
     *,
     causal: bool,
     scale: float,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Best PyTorch-native varlen attention for the device and dtype."""
+    """Best PyTorch-native varlen attention for the device and dtype (``window``: ``(left, right)`` or ``None``)."""
     found = _varlen_attn_fn() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    if found is not None and window is not None and "window_size" not in found[1]:
+        found = None  # this PyTorch's varlen_attn has no sliding window
     if found is not None:
         fn, params = found
         hq, hk = q.shape[1], k.shape[1]
@@ -130,12 +139,14 @@ def torch_varlen_attention(
             else:
                 k = k.repeat_interleave(hq // hk, dim=1)
                 v = v.repeat_interleave(hq // hk, dim=1)
-        if causal and "is_causal" in params:  # PyTorch 2.10-2.12
+        if window is not None:
+            kwargs["window_size"] = (window[0], 0 if causal else window[1])
+        elif causal and "is_causal" in params:  # PyTorch 2.10-2.12
             kwargs["is_causal"] = True
         elif causal:  # later releases express causality as a (left, right) window
             kwargs["window_size"] = (-1, 0)
         return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
-    return bucketed_sdpa_varlen(q, k, v, cu_seqlens, causal=causal, scale=scale)
+    return bucketed_sdpa_varlen(q, k, v, cu_seqlens, causal=causal, scale=scale, window=window)
 
 
 def torch_kvcache_attention(

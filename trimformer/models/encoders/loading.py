@@ -14,7 +14,7 @@ import torch
 
 from trimformer.models.encoders.config import EncoderConfig
 from trimformer.models.encoders.model import EncoderModel
-from trimformer.models.encoders.registry import config_from_dict
+from trimformer.models.encoders.registry import config_from_dict, family_module
 from trimformer.models.encoders.weights import from_hf_state_dict
 
 _DTYPES = {
@@ -154,6 +154,9 @@ def load_encoder(
     config = read_config(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    family = family_module(config.model_type)
+    if family is not None:  # DeBERTa-v2, ModernBERT: their own packed model class and key map
+        return family.load(path, config, device=dev, dtype=dt, impl=impl)
     shell = EncoderModel(config, impl=impl, device="meta")
     expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
     mapped = from_hf_state_dict(read_state_dict(path), config, expected, source=f"checkpoint in {str(path)!r}")

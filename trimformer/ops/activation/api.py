@@ -7,11 +7,9 @@ Activation names follow HF ``hidden_act`` strings (see :data:`ACTIVATIONS`):
   ``"gelu_python_tanh"`` (one formula, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``);
 * ``"quick_gelu"`` (``x * sigmoid(1.702 x)``), ``"relu"``, ``"silu"`` / ``"swish"``, ``"tanh"``, ``"linear"``.
 
-``impl`` selects the implementation: ``"auto"`` (a fused Triton kernel on CUDA when installed, else ``"torch"``),
-``"triton"`` (raises when unavailable), ``"torch"`` (PyTorch ops) or ``"naive"`` (the formulas in ``naive.py``).
-
-Kernel contract: a module ``trimformer/ops/activation/fused.py`` exposing
-``unsupported_reason(x, act) -> str | None`` and ``bias_act_fwd(x, bias, act) -> Tensor`` is picked up when it exists.
+``impl`` selects the implementation: ``"auto"`` (the fused Triton kernel of ``fused.py`` on CUDA when no gradient
+is needed, else ``"torch"``), ``"triton"`` (forward only; raises when it cannot run the input), ``"torch"``
+(PyTorch ops) or ``"naive"`` (the formulas in ``naive.py``).
 """
 
 from __future__ import annotations
@@ -59,18 +57,19 @@ def bias_act(
                 f"bias must be [{x.shape[-1]}] {x.dtype} on {x.device}, got {tuple(bias.shape)} {bias.dtype} "
                 f"on {bias.device}"
             )
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
     if impl == "auto":
-        impl = "triton" if x.is_cuda and _kernel_reason(x, kind) is None else "torch"
+        impl = "triton" if x.is_cuda and not needs_grad and _kernel_reason(x, kind) is None else "torch"
     if impl == "naive":
         from trimformer.ops.activation.naive import naive_bias_act
 
         return naive_bias_act(x, bias, act, inplace=inplace)
     if impl == "torch":
         return torch_bias_act(x, bias, kind, inplace=inplace)
-    reason = _kernel_reason(x, kind)
+    reason = "inputs require grad (the fused kernel is forward-only)" if needs_grad else _kernel_reason(x, kind)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run bias_act: {reason}")
-    return _kernel_module().bias_act_fwd(x, bias, kind)
+    return _kernel_module().bias_act_fwd(x, bias, kind, out=x if inplace and x.is_contiguous() else None)
 
 
 def torch_bias_act(x: torch.Tensor, bias: torch.Tensor | None, kind: str, *, inplace: bool = False) -> torch.Tensor:

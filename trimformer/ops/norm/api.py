@@ -2,13 +2,14 @@
 
 ``impl`` selects the implementation:
 
-* ``"auto"``: a fused Triton kernel on CUDA when one is installed and supports the input, else ``"torch"``;
-* ``"triton"``: the fused kernel; raises if it is not available or cannot run the input (never falls back);
+* ``"auto"``: the fused Triton kernel (``layernorm.py``) on CUDA when it supports the input and no gradient is
+  needed, else ``"torch"``;
+* ``"triton"``: the fused kernel (forward only); raises if it cannot run the input (never falls back);
 * ``"torch"``: PyTorch ops (one add per term, then ``F.layer_norm``, whose kernels accumulate in fp32);
 * ``"naive"``: the plain reference in ``naive.py``.
 
-Kernel contract: a module ``trimformer/ops/norm/layernorm.py`` exposing ``unsupported_reason(x) -> str | None``
-and ``add_layer_norm_fwd(x, residual, weight, bias, eps, x_bias) -> Tensor`` is picked up when it exists.
+The kernel module ``trimformer/ops/norm/layernorm.py`` (``unsupported_reason(x)``, ``add_layer_norm_fwd(...)``) is
+imported on first use; a build without Triton has ``"torch"`` only.
 """
 
 from __future__ import annotations
@@ -50,25 +51,30 @@ def add_layer_norm(
         impl: see the module docstring.
 
     Returns:
-        ``[..., H]`` in the dtype of ``x``. Mean and variance are computed in fp32 for half-precision inputs;
-        the sum ``(x + x_bias) + residual`` is rounded to ``x``'s dtype first (HF's order: bias, then residual).
+        ``[..., H]`` in the dtype of ``x``. Mean and variance are computed in fp32 for half-precision inputs. The
+        ``"torch"``/``"naive"`` paths round the sum ``(x + x_bias) + residual`` to ``x``'s dtype first (HF's order:
+        bias, then residual); the Triton kernel forms it in fp32 (one rounding fewer).
     """
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
     if not torch.compiler.is_compiling():
         _check(x, residual, weight, bias, x_bias)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight, bias, x_bias)
+    )
     if impl == "auto":
-        impl = "triton" if x.is_cuda and _kernel_reason(x) is None else "torch"
+        impl = "triton" if x.is_cuda and not needs_grad and _kernel_reason(x) is None else "torch"
     if impl == "naive":
         from trimformer.ops.norm.naive import naive_add_layer_norm
 
         return naive_add_layer_norm(x, residual, weight, bias, eps=eps, x_bias=x_bias, inplace=inplace)
     if impl == "torch":
         return torch_add_layer_norm(x, residual, weight, bias, eps=eps, x_bias=x_bias, inplace=inplace)
-    reason = _kernel_reason(x)
+    reason = "inputs require grad (the fused kernel is forward-only)" if needs_grad else _kernel_reason(x)
     if reason is not None:
         raise ValueError(f"impl='triton' cannot run add_layer_norm: {reason}")
-    return _kernel_module().add_layer_norm_fwd(x, residual, weight, bias, eps, x_bias)
+    out = x if inplace and x.is_contiguous() else None
+    return _kernel_module().add_layer_norm_fwd(x, residual, weight, bias, eps, x_bias, out=out)
 
 
 def torch_add_layer_norm(

@@ -1,0 +1,97 @@
+"""``linear`` (Triton GEMM with bias + activation epilogue, cuBLAS + fused kernel, PyTorch) vs the fp64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trimformer.ops.linear import api as linear_api
+from trimformer.ops.linear import linear, naive_linear
+from trimformer.testing import assert_close_budget
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+
+def _inputs(m, k, n, device="cpu"):
+    g = torch.Generator().manual_seed(m * 31 + k * 7 + n)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64).to(device)
+    w = (torch.randn(n, k, generator=g, dtype=torch.float64) / k**0.5).to(device)
+    b = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    return x, w, b
+
+
+def _check(m, k, n, act, dtype, device, impl, *, with_bias=True):
+    x, w, b = _inputs(m, k, n, device)
+    b = b if with_bias else None
+    ref = naive_linear(x, w, b, act)
+    lo = [None if t is None else t.to(dtype) for t in (x, w, b)]
+    out = linear(*lo, act, impl=impl)
+    assert out.dtype == dtype and out.shape == (m, n)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=5e-5)
+    else:
+        baseline = naive_linear(*lo, act)  # fp32 accumulation, one rounding: the best a low-precision GEMM can do
+        assert_close_budget(out, ref, baseline, factor=2.0, name=f"linear {impl} {act} {dtype} {m}x{k}x{n}")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_new"])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 48, 48), (37, 48, 100), (70, 96, 33)])
+def test_triton_gemm_matches_reference(dtype, act, m, k, n):
+    _check(m, k, n, act, dtype, "cpu", "triton")
+
+
+@pytest.mark.interpret
+def test_triton_gemm_without_bias_and_with_leading_dims():
+    _check(9, 40, 24, "relu", torch.float32, "cpu", "triton", with_bias=False)
+    x, w, b = (t.float() for t in _inputs(6, 32, 16))
+    out = linear(x.view(2, 3, 32), w, b, "gelu", impl="triton")
+    torch.testing.assert_close(out.view(6, 16), naive_linear(x, w, b, "gelu"), rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("act", [None, "gelu", "silu"])
+def test_torch_path_matches_reference(act):
+    _check(11, 24, 20, act, torch.float32, "cpu", "torch")
+    _check(11, 24, 20, act, torch.float32, "cpu", "auto")
+
+
+def test_validation_and_autograd():
+    x, w, b = (t.float() for t in _inputs(4, 8, 6))
+    with pytest.raises(ValueError, match="weight must be"):
+        linear(x, w[:, :-1], b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear(x, w, b[:-1])
+    with pytest.raises(ValueError, match="impl must be"):
+        linear(x, w, b, impl="fast")
+    with pytest.raises(ValueError, match="unsupported activation"):
+        linear(x, w, b, "mish")
+    with pytest.raises(ValueError, match="bias is torch.float64"):
+        linear(x, w, b.double())
+    w.requires_grad_(True)
+    with pytest.raises(ValueError, match="require grad"):
+        linear(x, w, b, "gelu", impl="triton")
+    linear(x, w, b, "gelu").sum().backward()  # "auto" is differentiable
+    assert w.grad is not None
+
+
+def test_epilogue_policy_switch():
+    old = dict(linear_api.EPILOGUE_POLICY)
+    try:
+        linear_api.EPILOGUE_POLICY["mode"] = "always"
+        assert linear_api.use_gemm_epilogue(8, 8, 8, torch.float32)
+        linear_api.EPILOGUE_POLICY["mode"] = "never"
+        assert not linear_api.use_gemm_epilogue(10**6, 3072, 768, torch.float16)
+    finally:
+        linear_api.EPILOGUE_POLICY.update(old)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["triton", "auto"])
+@pytest.mark.parametrize(("m", "k", "n", "act"), [(1, 768, 3072, "gelu"), (37, 768, 2304, None),
+                                                  (4097, 768, 3072, "gelu"), (600, 3072, 768, None),
+                                                  (300, 384, 1536, "gelu_new")])  # fmt: skip
+def test_linear_gpu(dtype, impl, m, k, n, act):
+    _check(m, k, n, act, dtype, "cuda", impl)

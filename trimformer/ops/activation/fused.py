@@ -1,0 +1,116 @@
+"""Fused bias + activation forward (Triton): ``y = act(x + bias)`` in one pass, math in fp32.
+
+The epilogue math (:func:`apply_activation`) is shared with the GEMM epilogue of ``trimformer.ops.linear``: exact
+GELU uses ``erf`` (not the tanh approximation ByteTransformer and TEI substitute), the tanh GELU evaluates
+``tanh`` through ``exp`` in fp32. One program handles a ``[BLOCK_M, BLOCK_N]`` tile of a row-major ``[M, N]`` view,
+so the bias is loaded once per tile. Bytes: read ``x`` once, write ``y`` once (may be ``x`` itself).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from trimformer.ops.triton_utils import cdiv, interpreting, next_power_of_2
+
+#: canonical activation kinds (see ``names.py``) -> the integer code the kernels branch on at compile time.
+ACT_CODES = {"identity": 0, "gelu_erf": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "silu": 5, "tanh": 6}
+
+
+def unsupported_reason(x: torch.Tensor, kind: str) -> str | None:
+    """Why the kernel cannot take ``x`` with activation ``kind``, or ``None`` when it can."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken)"
+    if kind not in ACT_CODES:
+        return f"activation {kind!r}"
+    if x.dim() == 0 or x.shape[-1] == 0:
+        return f"shape {tuple(x.shape)} (needs [..., N] with N > 0)"
+    return None
+
+
+@triton.jit
+def _tanh(y):
+    """``tanh`` in fp32 through ``exp`` (saturates cleanly: ``exp`` overflow gives exactly +-1)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+
+
+@triton.jit
+def apply_activation(h, ACT: tl.constexpr):
+    """``act(h)`` for fp32 ``h``; ``ACT`` is a code of :data:`ACT_CODES`."""
+    if ACT == 1:
+        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+    elif ACT == 2:
+        h = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    elif ACT == 3:
+        h = h / (1.0 + tl.exp(-1.702 * h))
+    elif ACT == 4:
+        h = tl.where(h > 0, h, 0.0)
+    elif ACT == 5:
+        h = h / (1.0 + tl.exp(-h))
+    elif ACT == 6:
+        h = _tanh(h)
+    return h
+
+
+@triton.jit
+def _bias_act_kernel(
+    X,
+    B,
+    Y,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_y,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        h += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    h = apply_activation(h, ACT)
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], h.to(Y.dtype.element_ty), mask=mask)
+
+
+def bias_act_fwd(
+    x: torch.Tensor, bias: torch.Tensor | None, kind: str, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Launch the kernel; inputs are assumed validated by ``api.py``.
+
+    Args:
+        x: ``[..., N]`` fp16/bf16/fp32.
+        bias: ``[N]`` in ``x``'s dtype, or ``None``.
+        kind: canonical activation kind (a key of :data:`ACT_CODES`).
+        out: optional destination of ``x``'s shape (may be ``x``: every element is read before it is written).
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype.
+    """
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, n)
+    if m == 0:
+        return y
+    block_n = min(next_power_of_2(n), 256 if interpreting() else 1024)
+    block_m = max(1, (1024 if interpreting() else 4096) // block_n)
+    _bias_act_kernel[(cdiv(m, block_m), cdiv(n, block_n))](
+        x2, bias if bias is not None else x2, y2, m, n, x2.stride(0), y2.stride(0),
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["ACT_CODES", "apply_activation", "bias_act_fwd", "unsupported_reason"]

@@ -1,0 +1,132 @@
+"""Fused bias + residual + LayerNorm forward (Triton): one pass over ``x`` and ``residual``, fp32 statistics.
+
+Math: ``h = x + x_bias + residual`` summed in fp32 (no intermediate rounding), ``y = (h - mean(h)) / sqrt(var(h) +
+eps) * weight + bias`` with the biased variance, as ``torch.nn.functional.layer_norm``. A program owns ``ROWS``
+whole rows (the row fits in registers for ``H <= 16384``), so the statistics are exact two-pass sums with no
+Welford merging. Bytes per row: read ``x`` and ``residual``, write ``y`` (three passes instead of the five of
+``x + b + r`` followed by ``F.layer_norm``). No host syncs; any number of rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from trimformer.ops.triton_utils import cdiv, interpreting, next_power_of_2
+
+MAX_HIDDEN = 16384
+
+
+def unsupported_reason(x: torch.Tensor) -> str | None:
+    """Why the kernel cannot take ``x`` (``[..., H]``), or ``None`` when it can."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken)"
+    if x.shape[-1] > MAX_HIDDEN:
+        return f"hidden size {x.shape[-1]} above {MAX_HIDDEN}"
+    return None
+
+
+@triton.jit
+def _add_ln_fwd_kernel(
+    X,
+    R,
+    W,
+    B,
+    XB,
+    Y,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_r,
+    stride_y,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_XBIAS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)  # [R]
+    cols = tl.arange(0, BLOCK_H)  # [BH]
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [R, BH]
+    if HAS_XBIAS:
+        h += tl.load(XB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(h, 1) / n_cols  # [R]
+    diff = tl.where(col_ok[None, :], h - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, 1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = diff * rstd[:, None] * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=64)
+def _launch_shape(h: int) -> tuple[int, int, int]:
+    """``(BLOCK_H, ROWS, num_warps)`` for a hidden size: about 4096 elements per program (2048 under the
+    interpreter), at least one whole row."""
+    block_h = next_power_of_2(h)
+    budget = 2048 if interpreting() else 4096
+    rows = max(1, budget // block_h)
+    warps = 4 if block_h * rows <= 4096 else (8 if block_h <= 8192 else 16)
+    return block_h, rows, warps
+
+
+def _rows_2d(t: torch.Tensor, h: int) -> torch.Tensor:
+    """``t`` as ``[rows, H]`` with unit stride on ``H`` (a view when possible)."""
+    t2 = t.reshape(-1, h)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def add_layer_norm_fwd(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    x_bias: torch.Tensor | None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the fused kernel; inputs are assumed validated by ``api.py``.
+
+    Args:
+        x: ``[..., H]`` fp16/bf16/fp32; residual: same shape or ``None``.
+        weight: ``[H]``; bias, x_bias: ``[H]`` or ``None``; all in ``x``'s dtype.
+        eps: added to the variance.
+        out: optional ``[..., H]`` destination (may be ``x`` itself: each program reads its rows before writing).
+
+    Returns:
+        ``[..., H]`` in ``x``'s dtype.
+    """
+    h = x.shape[-1]
+    x2 = _rows_2d(x, h)
+    n = x2.shape[0]
+    r2 = _rows_2d(residual, h) if residual is not None else x2
+    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, h)
+    if n == 0:
+        return y
+    block_h, rows, warps = _launch_shape(h)
+    _add_ln_fwd_kernel[(cdiv(n, rows),)](
+        x2, r2, weight, bias if bias is not None else weight, x_bias if x_bias is not None else weight, y2,
+        n, h, x2.stride(0), r2.stride(0), y2.stride(0), float(eps),
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None, HAS_XBIAS=x_bias is not None,
+        ROWS=rows, BLOCK_H=block_h, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["MAX_HIDDEN", "add_layer_norm_fwd", "unsupported_reason"]

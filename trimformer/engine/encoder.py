@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from trimformer.engine.batching import plan_batches
+from trimformer.engine.cuda_graphs import DEFAULT_MAX_TOKENS, GraphedEncoder
 from trimformer.engine.pooling import check_pooling, pool
 from trimformer.engine.st_config import SentenceTransformerSettings, read_st_settings
 from trimformer.engine.tokenization import (
@@ -55,7 +56,9 @@ class Encoder:
     """A loaded encoder with its tokenizer and sentence-transformers settings.
 
     Build it with :meth:`from_pretrained`. Public attributes: :attr:`model` (the
-    :class:`~trimformer.models.encoders.EncoderModel`) and :attr:`config`.
+    :class:`~trimformer.models.encoders.EncoderModel`), :attr:`config`, and :attr:`use_cuda_graphs` (on a GPU,
+    batches of up to ``cuda_graph_tokens`` tokens replay CUDA graphs captured per token-count bucket; set it to
+    ``False`` to run every forward eagerly).
     """
 
     def __init__(
@@ -64,6 +67,8 @@ class Encoder:
         path: str | Path,
         *,
         st_settings: SentenceTransformerSettings | None = None,
+        cuda_graphs: bool = True,
+        cuda_graph_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         self.model = model
         self.config: EncoderConfig = model.config
@@ -83,6 +88,11 @@ class Encoder:
         widest = max(3 * self.config.hidden_size, self.config.intermediate_size) * param.element_size()
         #: Cap on tokens per forward on CPU (see :meth:`forward_tokens`); ``None`` lifts it.
         self.cpu_forward_tokens: int | None = max(self._max_length, CPU_FORWARD_BYTES // widest)
+        #: replay CUDA graphs for batches that fit ``graphs.max_tokens`` (GPU only).
+        self.use_cuda_graphs = bool(cuda_graphs)
+        self.graphs: GraphedEncoder | None = (
+            GraphedEncoder(model, max_tokens=cuda_graph_tokens) if self._device.type == "cuda" else None
+        )
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -93,6 +103,7 @@ class Encoder:
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
         impl: str = "auto",
+        cuda_graphs: bool = True,
     ) -> Encoder:
         """Load a local HF folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
 
@@ -102,6 +113,8 @@ class Encoder:
             dtype: ``"float32"``/``"fp32"``, ``"float16"``/``"fp16"``, ``"bfloat16"``/``"bf16"`` or a torch dtype;
                 ``None`` picks float32 on CPU and float16 on CUDA.
             impl: op implementation (``"auto"``; ``"torch"`` or ``"naive"`` for debugging).
+            cuda_graphs: on a GPU, replay CUDA graphs for batches up to the default token budget (see
+                :attr:`use_cuda_graphs`).
 
         Raises:
             ValueError: unknown folder, unsupported ``model_type`` (lists the supported ones), checkpoint that does
@@ -112,7 +125,7 @@ class Encoder:
         if not isinstance(path, (str, Path)):
             raise ValueError(f"path must be a folder path, got {type(path).__name__}")
         model = load_encoder(path, device=device, dtype=dtype, impl=impl)
-        return cls(model, path)
+        return cls(model, path, cuda_graphs=cuda_graphs)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -233,9 +246,25 @@ class Encoder:
         )
 
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """Last hidden states ``[T, H]`` (model dtype, model device) of a packed batch."""
+        """Last hidden states ``[T, H]`` (model dtype, model device) of a packed batch (a tensor of its own)."""
         with torch.inference_mode():
-            return self.model.forward_packed(batch)
+            out = self._forward(batch)
+            return out.clone() if self._graphed(batch) else out
+
+    def _graphed(self, batch: PackedBatch) -> bool:
+        return (
+            self.use_cuda_graphs
+            and self.graphs is not None
+            and batch.max_seqlen <= self.config.max_length
+            and self.graphs.eligible(batch)
+        )
+
+    def _forward(self, batch: PackedBatch) -> torch.Tensor:
+        """``[T, H]`` through a CUDA graph when :meth:`_graphed` (then a view of the graph's static output, valid
+        until the next forward), else eagerly. Call under inference mode."""
+        if self._graphed(batch):
+            return self.graphs(batch)
+        return self.model.forward_packed(batch)
 
     def __call__(
         self,
@@ -325,7 +354,8 @@ class Encoder:
             for rows in batches:
                 types = None if token_type_ids is None else [token_type_ids[i] for i in rows]
                 batch = self.pack([lists[i] for i in rows], types)
-                vectors = pool(self.model.forward_packed(batch), batch.cu_seqlens, mode)
+                batch = batch.to(self.device)
+                vectors = pool(self._forward(batch), batch.cu_seqlens, mode)
                 chunks.append(F.normalize(vectors, p=2.0, dim=-1) if norm else vectors)
                 if progress is not None:
                     progress.update(len(rows))

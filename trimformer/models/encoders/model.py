@@ -71,11 +71,29 @@ class EncoderModel(nn.Module):
                 f"a sequence has {batch.max_seqlen} tokens but this {self.config.model_type} model takes at most "
                 f"{self.config.max_length} (max_position_embeddings {self.config.max_position_embeddings})"
             )
-        batch = batch.to(self.embeddings.word.weight.device)
-        h = self.embeddings(batch.input_ids, batch.position_ids, batch.token_type_ids)
-        cu, max_seqlen = batch.cu_seqlens, batch.max_seqlen
+        b = batch.to(self.embeddings.word.weight.device)
+        return self.encode(b.input_ids, b.position_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        """The forward on raw packed tensors (what CUDA graphs capture): no validation, no host reads.
+
+        Args:
+            input_ids, position_ids: ``[T]`` int64 on the model's device; token_type_ids: ``[T]`` or ``None``.
+            cu_seqlens: ``[N + 1]`` int32; max_seqlen: an upper bound on every sequence's length (host int).
+
+        Returns:
+            ``[T, H]`` last hidden states.
+        """
+        h = self.embeddings(input_ids, position_ids, token_type_ids)
         for index in self.schedule:
-            h = self.layers[index](h, cu, max_seqlen)
+            h = self.layers[index](h, cu_seqlens, max_seqlen)
         return h
 
     def forward(

@@ -34,6 +34,7 @@ def torch_disentangled_attention(
     qz, kz, vz = torch.cat([q, zero]), torch.cat([k, zero]), torch.cat([v, zero])
     c2pz = None if c2p_scores is None else torch.cat([c2p_scores, c2p_scores.new_zeros(1, *c2p_scores.shape[1:])])
     p2cz = None if p2c_scores is None else torch.cat([p2c_scores, p2c_scores.new_zeros(1, *p2c_scores.shape[1:])])
+    acc = torch.promote_types(q.dtype, torch.float32)  # the bias is summed in fp32 (fp64 for fp64 inputs)
     for bucket in bucket_plan(cu_seqlens):
         n_all, length = bucket.rows.shape
         ar = torch.arange(length, device=q.device)
@@ -44,13 +45,13 @@ def torch_disentangled_attention(
             rows = bucket.rows[c0 : c0 + step]
             n = rows.shape[0]
             key_mask = bucket.key_mask[c0 : c0 + step]  # [n, 1, 1, L]
-            bias = torch.zeros(n, heads, length, length, dtype=torch.float32, device=q.device)
+            bias = torch.zeros(n, heads, length, length, dtype=acc, device=q.device)
             if c2pz is not None:
                 c = c2pz[rows].transpose(1, 2)  # [n, H, L(i), R]
-                bias += torch.gather(c, -1, rel_rows.expand(n, heads, length, length)).float()
+                bias += torch.gather(c, -1, rel_rows.expand(n, heads, length, length)).to(acc)
             if p2cz is not None:
                 p = p2cz[rows].transpose(1, 2)  # [n, H, L(j), R]
-                bias += torch.gather(p, -1, rel_rows.t().expand(n, heads, length, length)).transpose(-1, -2).float()
+                bias += torch.gather(p, -1, rel_rows.t().expand(n, heads, length, length)).transpose(-1, -2).to(acc)
             bias = (bias * scale).masked_fill(~key_mask, float("-inf")).to(q.dtype)
             qb, kb, vb = (t[rows].transpose(1, 2) for t in (qz, kz, vz))  # [n, H, L, D]
             ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=bias, scale=scale)

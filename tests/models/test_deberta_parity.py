@@ -1,0 +1,286 @@
+"""Padding-free DeBERTa-v2/v3 vs HF transformers (fp32, random weights): ragged batches, right and left padding,
+log buckets, shared keys, separate position projections, absolute positions, token types, ``embed_proj`` and the
+first-layer convolution; strict weight loading; ``Encoder.embed`` and the CLI with a small word-level tokenizer.
+
+The truth is HF run on each sequence alone (no padding), as in ``test_encoder_parity.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from trimformer import Encoder
+from trimformer.models.encoders import read_state_dict
+
+VOCAB = 997
+LENS = [1, 2, 17, 64, 129, 300]
+WORDS = [f"w{i}" for i in range(VOCAB - 4)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _configs():
+    from transformers import DebertaV2Config
+
+    common = {"vocab_size": VOCAB, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+              "num_hidden_layers": 2, "intermediate_size": 150}  # fmt: skip
+    return {
+        # v3-style: log buckets (reached by the long sequences), shared keys, LayerNorm-ed rel embeddings, no
+        # absolute positions, no token types
+        "v3": DebertaV2Config(
+            hidden_size=64, num_attention_heads=2, max_position_embeddings=512, relative_attention=True,
+            position_buckets=32, max_relative_positions=64, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+            share_att_key=True, position_biased_input=False, type_vocab_size=0, **common,
+        ),
+        # v2-style: plain distances clamped to the span, own position projections, absolute positions, token types,
+        # a factorised embedding (embed_proj) and the first-layer convolution
+        "v2": DebertaV2Config(
+            hidden_size=96, num_attention_heads=3, max_position_embeddings=320, relative_attention=True,
+            max_relative_positions=100, pos_att_type="c2p|p2c", position_biased_input=True, type_vocab_size=2,
+            conv_kernel_size=3, conv_groups=2, conv_act="gelu", embedding_size=48, **common,
+        ),
+        # one term only; buckets without shared keys
+        "c2p": DebertaV2Config(
+            hidden_size=64, num_attention_heads=2, max_position_embeddings=512, relative_attention=True,
+            position_buckets=16, max_relative_positions=40, pos_att_type=["c2p"], position_biased_input=False,
+            **common,
+        ),
+    }  # fmt: skip
+
+
+def _randomize(model):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.2 * noise if name.endswith("LayerNorm.weight") else 0.15 * noise)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    from transformers import AutoModel
+
+    out = {}
+    for name, cfg in _configs().items():
+        cfg._attn_implementation = "eager"
+        hf = AutoModel.from_config(cfg).eval()
+        _randomize(hf)
+        folder = tmp_path_factory.mktemp(f"deberta-{name}")
+        hf.save_pretrained(folder)
+        out[name] = (folder, hf)
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoders(saved):
+    return {n: Encoder.from_pretrained(folder, device="cpu", dtype=torch.float32) for n, (folder, _) in saved.items()}
+
+
+def _sequences(seed=0, lens=LENS):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lens]
+
+
+def _hf_alone(hf, seqs, types=None):
+    with torch.no_grad():
+        return [
+            hf(input_ids=x[None], **({} if types is None else {"token_type_ids": types[i][None]})).last_hidden_state[0]
+            for i, x in enumerate(seqs)
+        ]
+
+
+def _padded(seqs, side, fill=0):
+    s = max(len(x) for x in seqs) + 3
+    ids = torch.full((len(seqs), s), fill, dtype=torch.long)
+    mask = torch.zeros(len(seqs), s, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        sl = slice(0, len(x)) if side == "right" else slice(s - len(x), s)
+        ids[i, sl], mask[i, sl] = x, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", ["v3", "v2", "c2p"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_call_matches_hf_alone(saved, encoders, name, side):
+    _, hf = saved[name]
+    enc = encoders[name]
+    assert enc.model_type == "deberta-v2"
+    seqs = _sequences()
+    types = None
+    if enc.config.type_vocab_size > 1:
+        g = torch.Generator().manual_seed(3)
+        types = [torch.randint(0, 2, (len(x),), generator=g) for x in seqs]
+    truth = _hf_alone(hf, seqs, types)
+    ids, mask = _padded(seqs, side)
+    out = enc(ids, mask, None if types is None else _padded(types, side)[0])
+    for i, x in enumerate(seqs):
+        valid = mask[i].bool()
+        err = (out[i][valid] - truth[i]).abs().max().item()
+        assert err <= 1e-4, f"{name} {side} seq {i} (len {len(x)}): max abs {err:.2e}"
+        assert not out[i][~valid].any()
+
+
+def test_buckets_and_conv_really_matter(saved, encoders):
+    """Guards for the test above: log buckets (vs distances clamped at the same span) and the conv branch change
+    the output."""
+    _, hf = saved["v3"]
+    seqs = _sequences(seed=1, lens=[200])
+    truth = _hf_alone(hf, seqs)[0]
+    enc = encoders["v3"]
+    unbucketed = type(enc.model)(
+        enc.config.__class__(**{**enc.config.__dict__, "position_buckets": -1, "max_relative_positions": 32})
+    )
+    unbucketed.load_state_dict(enc.model.state_dict())
+    out = unbucketed.forward_packed(enc.pack([seqs[0].tolist()]))
+    assert (out - truth).abs().max() > 1e-3
+    conv_model = encoders["v2"].model
+    batch = encoders["v2"].pack([x.tolist() for x in _sequences(seed=2, lens=[5, 9])])
+    with torch.inference_mode():
+        with_conv = conv_model.forward_packed(batch)
+        conv, conv_model.conv = conv_model.conv, None
+        try:
+            without = conv_model.forward_packed(batch)
+        finally:
+            conv_model.conv = conv
+    assert (with_conv - without).abs().max() > 1e-2
+
+
+@pytest.mark.interpret
+def test_triton_kernel_in_the_model_matches_hf(saved):
+    folder, hf = saved["v3"]
+    enc = Encoder.from_pretrained(folder, device="cpu", dtype=torch.float32, impl="triton")
+    seqs = _sequences(seed=4, lens=[1, 17, 40])
+    out = enc.forward_packed(enc.pack([x.tolist() for x in seqs]))
+    torch.testing.assert_close(out, torch.cat(_hf_alone(hf, seqs)), rtol=0, atol=1e-4)
+
+
+def test_task_head_checkpoint_loads_and_strict_errors(saved, encoders, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import DebertaV2ForSequenceClassification
+
+    folder, hf = saved["v3"]
+    clf = DebertaV2ForSequenceClassification(hf.config).eval()
+    clf.deberta.load_state_dict(hf.state_dict())
+    clf.save_pretrained(tmp_path / "clf")
+    seqs = _sequences(seed=5, lens=[3, 30])
+    ref = encoders["v3"].forward_packed(encoders["v3"].pack([x.tolist() for x in seqs]))
+    enc = Encoder.from_pretrained(tmp_path / "clf", device="cpu", dtype="fp32")
+    torch.testing.assert_close(enc.forward_packed(enc.pack([x.tolist() for x in seqs])), ref, rtol=0, atol=0)
+
+    state = read_state_dict(folder)
+    state["encoder.layer.1.attention.self.kee_proj.weight"] = state.pop(
+        "encoder.layer.1.attention.self.key_proj.weight"
+    )
+    state["encoder.layer.0.intermediate.dense.weight"] = torch.zeros(149, 64)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(folder / "config.json", bad / "config.json")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError) as info:
+        Encoder.from_pretrained(bad, device="cpu")
+    msg = str(info.value)
+    assert "missing keys (1): encoder.layer.1.attention.self.key_proj.weight" in msg
+    assert "unexpected keys (1): encoder.layer.1.attention.self.kee_proj.weight" in msg
+    assert "shape mismatches (1): encoder.layer.0.intermediate.dense.weight: checkpoint (149, 64)" in msg
+
+
+@pytest.mark.parametrize(
+    "patch,match",
+    [
+        ({"pos_att_type": ["c2p", "p2p"]}, r"pos_att_type \['p2p'\] is not supported"),
+        ({"conv_kernel_size": 4}, "conv_kernel_size must be odd"),
+        ({"attention_head_size": 16}, "attention_head_size 16 x 2 heads != hidden_size 64"),
+        ({"position_buckets": 64, "max_relative_positions": 20}, "position_buckets 64 needs max_relative_positions"),
+        ({"hidden_act": "mish"}, "unsupported activation 'mish'"),
+    ],
+)
+def test_bad_configs_raise(saved, tmp_path, patch, match):
+    folder, _ = saved["v3"]
+    cfg = json.loads((folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **patch}))
+    shutil.copy(folder / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        Encoder.from_pretrained(tmp_path, device="cpu")
+
+
+def test_too_long_sequence_raises(encoders):
+    enc = encoders["v2"]
+    with pytest.raises(ValueError, match="at most 320"):
+        enc.forward_packed(enc.pack([[5] * 321]))
+
+
+# ----------------------------------------------------------------------------------------------- engine, CLI
+
+
+def save_word_tokenizer(folder):
+    """A word-level tokenizer over ``WORDS`` ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3) saved as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        model_max_length=512,
+    )  # fmt: skip
+    fast.save_pretrained(folder)
+    return fast
+
+
+def test_encoder_embed_and_cli(saved, tmp_path):
+    from trimformer.cli import main
+
+    folder, hf = saved["v3"]
+    model_dir = tmp_path / "model"
+    shutil.copytree(folder, model_dir)
+    tok = save_word_tokenizer(model_dir)
+    g = torch.Generator().manual_seed(6)
+    texts = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)) for n in (0, 3, 40, 90)]
+    enc = Encoder.from_pretrained(model_dir, device="cpu", dtype="fp32")
+    vectors = enc.embed(texts, pooling="mean", normalize=False)
+    assert vectors.shape == (4, 64)
+    for i, text in enumerate(texts):
+        ids = torch.tensor(tok(text)["input_ids"])
+        with torch.no_grad():
+            truth = hf(input_ids=ids[None]).last_hidden_state[0].mean(0)
+        torch.testing.assert_close(vectors[i], truth, rtol=0, atol=1e-4)
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "vecs.npy"
+    argv = ["embed", str(tmp_path / "texts.txt"), "--model", str(model_dir), "--device", "cpu", "--output", str(out),
+            "--pooling", "mean", "--no-normalize", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    np.testing.assert_allclose(np.load(out), vectors.numpy(), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["v3", "v2"])
+def test_gpu_fp16_within_three_times_hf_fp16(saved, name):
+    """Ours in fp16 (Triton kernel) vs HF fp32 stays within 3x HF fp16's own error against HF fp32."""
+    folder, hf = saved[name]
+    enc = Encoder.from_pretrained(folder, device="cuda", dtype=torch.float16)
+    seqs = _sequences(seed=8)
+    truth = torch.cat(_hf_alone(hf, seqs))
+    hf16 = type(hf)(hf.config).to("cuda", torch.float16).eval()
+    hf16.load_state_dict(hf.state_dict())
+    base = torch.cat(_hf_alone(hf16, [x.cuda() for x in seqs])).float().cpu()
+    ours = enc.forward_packed(enc.pack([x.tolist() for x in seqs])).float().cpu()
+    err, base_err = (ours - truth).abs().max().item(), (base - truth).abs().max().item()
+    assert err <= 3 * base_err + 1e-3, f"{name}: ours {err:.3e} vs HF fp16 {base_err:.3e}"

@@ -8,7 +8,14 @@ import random
 import pytest
 import torch
 
-from trimformer.engine.cuda_graphs import PAD_CHUNK, GraphedEncoder, GraphKey, static_cu_seqlens, token_bucket
+from trimformer.engine.cuda_graphs import (
+    PAD_CHUNK,
+    GraphedEncoder,
+    GraphKey,
+    static_cu_seqlens,
+    token_bucket,
+    warmup_cu_seqlens,
+)
 from trimformer.models.encoders import EncoderConfig, EncoderModel
 from trimformer.ops.varlen import PackedBatch
 
@@ -60,6 +67,9 @@ def test_static_cu_seqlens_layout(seed):
     assert all(0 <= e <= PAD_CHUNK for e in extra) and sum(extra) == key.tokens - batch.num_tokens
     assert key.max_seqlen >= max(lens) and key.max_seqlen >= PAD_CHUNK
     assert key.tokens == token_bucket(batch.num_tokens)
+    warm = warmup_cu_seqlens(key)  # the capture-time layout is valid too
+    assert len(warm) == key.seqs + 1 and warm[0] == 0 and warm[-1] == key.tokens
+    assert all(a <= b for a, b in zip(warm, warm[1:]))
 
 
 def test_too_many_sequences_for_a_bucket_is_an_error():

@@ -87,6 +87,13 @@ def static_cu_seqlens(seqlens: tuple[int, ...], key: GraphKey) -> list[int]:
     return cu
 
 
+def warmup_cu_seqlens(key: GraphKey) -> list[int]:
+    """A valid ``cu_seqlens`` filling ``key`` for the warm-up and capture runs (``key.seqs`` equal chunks; replays
+    overwrite it with the real layout)."""
+    chunk = -(-key.tokens // key.seqs)
+    return [min(key.tokens, i * chunk) for i in range(key.seqs + 1)]
+
+
 class _Graph:
     """One captured forward and its static buffers."""
 
@@ -96,8 +103,7 @@ class _Graph:
         self.ids = torch.zeros(t, dtype=torch.long, device=device)
         self.pos = torch.full((t,), position_offset, dtype=torch.long, device=device)
         self.types = torch.zeros(t, dtype=torch.long, device=device) if key.has_types else None
-        cu = static_cu_seqlens((), key)
-        self.cu = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.cu = torch.tensor(warmup_cu_seqlens(key), dtype=torch.int32, device=device)
         self.position_offset = position_offset
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> None:
     p.add_argument(
         "--config",
         default=None,
-        help="YAML config file, or the name of a bundled one (train_tiny_cpu, train_gpu_30m, quality)",
+        help="YAML config file, or the name of a bundled one (train_tiny_cpu, train_gpu_30m, train_gpu_150m, quality)",
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value (YAML value), e.g. --set train.lr=1e-3; repeatable")  # fmt: skip

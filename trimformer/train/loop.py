@@ -264,7 +264,8 @@ class Trainer:
                 rate = timed_tokens / timed_s if timed_s > 0 else float("nan")
                 self.log.write({"kind": "train", "step": self.step, "tokens": self.tokens_seen, "loss": last_loss,
                                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                                "tokens_per_s": rate, "elapsed_s": now - started})  # fmt: skip
+                                "tokens_per_s": rate, "elapsed_s": now - started,
+                                "peak_mem_gib": _peak_mem_gib(self.device)})  # fmt: skip
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{rate:,.0f}")
                 acc_loss.zero_()
                 acc_steps = 0
@@ -287,6 +288,7 @@ class Trainer:
         rate = timed_tokens / timed_s if timed_s > 0 else float("nan")
         self.log.write({"kind": "run", "event": "end", "step": self.step, "tokens": self.tokens_seen,
                         "train_loss": last_loss, "val_loss": val_loss, "tokens_per_s": rate,
+                        "peak_mem_gib": _peak_mem_gib(self.device), "world_size": self.info.world_size,
                         "stopped_early": stopped})  # fmt: skip
         if t.plot and self.info.is_main and self.log.path.exists():
             with contextlib.suppress(ValueError):
@@ -298,6 +300,13 @@ class Trainer:
         a = self.config.attention_config
         return (f"{a.kind} {a.num_heads}/{a.num_kv_heads}x{a.head_dim}, {self.params / 1e6:.1f}M params, "
                 f"L={self.seq_len}")  # fmt: skip
+
+
+def _peak_mem_gib(device: torch.device) -> float | None:
+    """Peak CUDA memory allocated by this process so far (GiB); ``None`` on CPU. Reads allocator stats: no sync."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def _sync(device: torch.device) -> None:

@@ -293,14 +293,34 @@ class DebertaV2Model(nn.Module):
                 f"a sequence has {batch.max_seqlen} tokens but this {self.config.model_type} model takes at most "
                 f"{self.config.max_length} (max_position_embeddings {self.config.max_position_embeddings})"
             )
-        batch = batch.to(self.embeddings.word.weight.device)
-        x = self.embeddings(batch.input_ids, batch.position_ids, batch.token_type_ids)
-        cu, max_seqlen = batch.cu_seqlens, batch.max_seqlen
+        b = batch.to(self.embeddings.word.weight.device)
+        return self.encode(b.input_ids, b.position_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        """The forward on raw packed tensors (what the engine's CUDA graphs capture): no validation, no host reads
+        (the position projections and the relative-index table are cached by the warm-up runs).
+
+        Args:
+            input_ids: ``[T]`` int64; position_ids: ``[T]`` int64 local positions (absolute embeddings and the
+                conv's sequence boundaries); token_type_ids: ``[T]`` or ``None``.
+            cu_seqlens: ``[N + 1]`` int32; max_seqlen: an upper bound on every sequence's length (host int).
+
+        Returns:
+            ``[T, H]`` last hidden states.
+        """
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
         h = x
         for i, (layer, (kr, qr)) in enumerate(zip(self.layers, self.position_projections())):
-            h = layer(h, cu, max_seqlen, kr, qr)
+            h = layer(h, cu_seqlens, max_seqlen, kr, qr)
             if i == 0 and self.conv is not None:
-                h = self.conv(x, h, batch.position_ids)
+                h = self.conv(x, h, position_ids)
         return h
 
     def forward(

@@ -214,14 +214,35 @@ class ModernBertModel(nn.Module):
                 f"{cfg.max_length} (max_position_embeddings {cfg.max_position_embeddings})"
             )
         batch = batch.to(self.embeddings.word.weight.device)
-        h = self.embeddings(batch.input_ids)
+        return self.encode(batch.input_ids, batch.position_ids, None, batch.cu_seqlens, batch.max_seqlen)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        """The forward on raw packed tensors (what the engine's CUDA graphs capture): no validation, no host reads.
+
+        Args:
+            input_ids: ``[T]`` int64; position_ids: ``[T]`` int64 local positions (RoPE); token_type_ids: ignored
+                (ModernBERT has no segments).
+            cu_seqlens: ``[N + 1]`` int32; max_seqlen: an upper bound on every sequence's length (host int).
+
+        Returns:
+            ``[T, H]`` last hidden states.
+        """
+        cfg = self.config
+        h = self.embeddings(input_ids)
         rope = {
-            kind: rotary_cos_sin(batch.position_ids, cfg.head_dim, theta)
+            kind: rotary_cos_sin(position_ids, cfg.head_dim, theta)
             for kind, theta in (("full_attention", cfg.global_rope_theta), ("sliding_attention", cfg.local_rope_theta))
             if kind in cfg.layer_types
         }
         for layer, kind in zip(self.layers, cfg.layer_types):
-            h = layer(h, batch.cu_seqlens, batch.max_seqlen, *rope[kind])
+            h = layer(h, cu_seqlens, max_seqlen, *rope[kind])
         return add_layer_norm(h, None, self.final_norm.weight, self.final_norm.bias, eps=cfg.norm_eps, impl=self.impl)
 
     def forward(

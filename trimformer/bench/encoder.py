@@ -204,7 +204,7 @@ def _providers(models: Models, p: Point, names: list[str]):
                 lambda: plain_packed_forward(models.model, b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
             )
     if "trimformer" in names:
-        out["trimformer"] = lambda: models.enc.graphs(b)
+        out["trimformer"] = lambda: models.enc._forward(b)  # CUDA graph up to its token limit, else eager
     if "trimformer-eager" in names:
         out["trimformer-eager"] = lambda: models.model.forward_packed(b)
     return out
@@ -305,7 +305,7 @@ def _part_ladder(args, rec, log, md):
             "2 + fused LayerNorm": lambda: fwd(fused_ln=True),
             "3 + fused bias-GELU": lambda: fwd(fused_ln=True, fused_gelu=True),
             "4 + our attention": lambda: fwd(fused_ln=True, fused_gelu=True, our_attn=True),
-            "5 trimformer (+ CUDA graphs)": lambda: models.enc.graphs(b),
+            "5 trimformer (+ CUDA graphs)": lambda: models.enc._forward(b),
         }
         res = {}
         with torch.inference_mode():

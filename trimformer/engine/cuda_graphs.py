@@ -39,8 +39,8 @@ def _next_pow2(n: int) -> int:
 
 
 def token_bucket(t: int) -> int:
-    """``t`` rounded up to a multiple of :func:`token_bucket_step`: under 12.5% padding (plus at most 63 tokens for
-    small batches), 8 buckets per power of two."""
+    """``t`` rounded up to a multiple of :func:`token_bucket_step`: under 6.25% padding (plus at most 63 tokens for
+    small batches), 16 buckets per power of two."""
     step = token_bucket_step(t)
     return max(step, -(-t // step) * step)
 
@@ -68,9 +68,10 @@ class GraphKey:
 
 
 def token_bucket_step(tokens: int) -> int:
-    """Rounding step for ``tokens``: an eighth of the largest power of two ``<= tokens``, at least
-    :data:`PAD_CHUNK`. Non-decreasing in ``tokens``, so a bucket's step bounds the padding of every batch in it."""
-    return max(PAD_CHUNK, (1 << (max(tokens, 1).bit_length() - 1)) // 8)
+    """Rounding step for ``tokens``: a sixteenth of the largest power of two ``<= tokens``, at least
+    :data:`PAD_CHUNK`. Non-decreasing in ``tokens``, so a bucket's step bounds the padding of every batch in it.
+    (An eighth cost 7% at B = 16, S = 512 on the H100: 4772 tokens ran as 5120.)"""
+    return max(PAD_CHUNK, (1 << (max(tokens, 1).bit_length() - 1)) // 16)
 
 
 def static_cu_seqlens(seqlens: tuple[int, ...], key: GraphKey) -> list[int]:

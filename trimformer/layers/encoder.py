@@ -6,13 +6,14 @@ functional ops so kernels can be swapped without touching models:
     qkv  = linear(x, W_qkv, b_qkv)               # one fused GEMM, W_qkv [3H, H]: qkv [T, 3, heads, head_dim]
     a    = varlen_attention(q, k, v, cu_seqlens, max_seqlen)   # q, k, v: strided views of qkv, no copies
     x    = add_layer_norm(linear(a, W_o), x, x_bias=b_o)       # LayerNorm(a W_o + b_o + x), one fused kernel
-    f    = linear(x, W_1, b_1, act)                            # [T, I], bias + activation in the GEMM epilogue
+    f    = linear(x, W_1, b_1, act)                            # [T, I], bias + activation fused after the GEMM
     out  = add_layer_norm(linear(f, W_2), x, x_bias=b_2)
 
-On CUDA (``impl="auto"``) that is cuBLAS for the bias-free and QKV GEMMs, the Triton varlen attention kernel reading
-Q, K and V straight out of the fused QKV output, the fused bias + residual + LayerNorm kernel, and the FFN GEMM with
-its bias and exact GELU fused (see :mod:`trimformer.ops.linear`): 7 kernels per layer, no host syncs. On CPU every
-op takes its PyTorch path with in-place epilogues on the GEMM temporaries.
+On CUDA (``impl="auto"``) that is cuBLAS for the GEMMs, the Triton varlen attention kernel reading Q, K and V
+straight out of the fused QKV output, the fused bias + residual + LayerNorm kernel, and the fused bias + exact GELU
+kernel after the FFN GEMM (a Triton GEMM with that epilogue exists, ``linear(impl="triton")``, but measured slower
+than cuBLAS on the H100): 8 kernels per layer, no host syncs. On CPU every op takes its PyTorch path with in-place
+epilogues on the GEMM temporaries.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from trimformer.engine.cuda_graphs import (
+    MIN_STEP,
     PAD_CHUNK,
     GraphedEncoder,
     GraphKey,
@@ -47,10 +48,11 @@ def test_token_bucket_rounds_up_a_little():
     prev = 0
     for t in range(1, 20000, 7):
         b = token_bucket(t)
-        assert t <= b < 1.0625 * t + PAD_CHUNK
+        assert t <= b < 1.0625 * t + MIN_STEP and b % MIN_STEP == 0
         assert b >= prev  # monotone: a longer batch never gets a smaller graph
         prev = b
     assert len({token_bucket(t) for t in range(1025, 2049)}) == 16  # a handful of graphs per power of two
+    assert token_bucket(270) - 270 < MIN_STEP  # B = 1, S = 512: no longer a 320-token graph
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -51,6 +51,18 @@ def test_triton_gemm_without_bias_and_with_leading_dims():
     torch.testing.assert_close(out.view(6, 16), naive_linear(x, w, b, "gelu"), rtol=0, atol=5e-5)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("persistent", [False, True])
+def test_triton_gemm_explicit_configs(persistent):
+    """Both kernels (one program per tile, persistent over tiles) with more tiles than programs and a ragged K."""
+    from trimformer.ops.linear.gemm import GemmConfig, linear_fwd
+
+    x, w, b = (t.float() for t in _inputs(70, 40, 50))
+    cfg = GemmConfig(16, 16, 16, 2, 4, 1, persistent=persistent)  # 5 x 4 tiles on the interpreter's 4 "SMs"
+    out = linear_fwd(x, w, b, "gelu_erf", config=cfg)
+    torch.testing.assert_close(out, naive_linear(x, w, b, "gelu").float(), rtol=0, atol=5e-5)
+
+
 @pytest.mark.parametrize("act", [None, "gelu", "silu"])
 def test_torch_path_matches_reference(act):
     _check(11, 24, 20, act, torch.float32, "cpu", "torch")
@@ -95,3 +107,17 @@ def test_epilogue_policy_switch():
                                                   (300, 384, 1536, "gelu_new")])  # fmt: skip
 def test_linear_gpu(dtype, impl, m, k, n, act):
     _check(m, k, n, act, dtype, "cuda", impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("shape", [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4)])
+def test_linear_gpu_configs(persistent, shape):
+    from trimformer.ops.linear.gemm import GemmConfig, linear_fwd
+
+    cfg = GemmConfig(*shape, persistent=persistent)
+    for m, k, n, act in ((1000, 768, 3072, "gelu"), (333, 3072, 768, None)):
+        x, w, b = _inputs(m, k, n, "cuda")
+        lo = [t.half() for t in (x, w, b)]
+        out = linear_fwd(*lo, "gelu_erf" if act else "identity", config=cfg)
+        assert_close_budget(out, naive_linear(x, w, b, act), naive_linear(*lo, act), factor=2.0, name=str(cfg))

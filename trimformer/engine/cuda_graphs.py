@@ -30,6 +30,8 @@ from trimformer.ops.varlen import PackedBatch
 
 #: longest dummy sequence made of padding tokens.
 PAD_CHUNK = 64
+#: smallest token rounding step (a multiple of 16 keeps GEMM rows aligned).
+MIN_STEP = 16
 #: default largest token bucket captured (the default ``embed`` token budget).
 DEFAULT_MAX_TOKENS = 16384
 
@@ -39,8 +41,8 @@ def _next_pow2(n: int) -> int:
 
 
 def token_bucket(t: int) -> int:
-    """``t`` rounded up to a multiple of :func:`token_bucket_step`: under 6.25% padding (plus at most 63 tokens for
-    small batches), 16 buckets per power of two."""
+    """``t`` rounded up to a multiple of :func:`token_bucket_step`: under 6.25% padding (plus at most
+    ``MIN_STEP - 1`` tokens for batches under 256 tokens), 16 buckets per power of two."""
     step = token_bucket_step(t)
     return max(step, -(-t // step) * step)
 
@@ -69,9 +71,10 @@ class GraphKey:
 
 def token_bucket_step(tokens: int) -> int:
     """Rounding step for ``tokens``: a sixteenth of the largest power of two ``<= tokens``, at least
-    :data:`PAD_CHUNK`. Non-decreasing in ``tokens``, so a bucket's step bounds the padding of every batch in it.
-    (An eighth cost 7% at B = 16, S = 512 on the H100: 4772 tokens ran as 5120.)"""
-    return max(PAD_CHUNK, (1 << (max(tokens, 1).bit_length() - 1)) // 16)
+    :data:`MIN_STEP`. Non-decreasing in ``tokens``, so a bucket's step bounds the padding of every batch in it.
+    (An eighth cost 7% at B = 16, S = 512 on the H100: 4772 tokens ran as 5120; a floor of 64 made B = 1, S = 512's
+    270 tokens run as 320.)"""
+    return max(MIN_STEP, (1 << (max(tokens, 1).bit_length() - 1)) // 16)
 
 
 def static_cu_seqlens(seqlens: tuple[int, ...], key: GraphKey) -> list[int]:
@@ -200,4 +203,12 @@ class GraphedEncoder:
         self._graphs.clear()
 
 
-__all__ = ["DEFAULT_MAX_TOKENS", "PAD_CHUNK", "GraphKey", "GraphedEncoder", "static_cu_seqlens", "token_bucket"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "MIN_STEP",
+    "PAD_CHUNK",
+    "GraphKey",
+    "GraphedEncoder",
+    "static_cu_seqlens",
+    "token_bucket",
+]

@@ -31,6 +31,7 @@ class GemmConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    persistent: bool = False
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, kind: str) -> str | None:
@@ -121,6 +122,65 @@ def _linear_kernel(
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _linear_persistent_kernel(
+    X,
+    W,
+    B,
+    Y,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    NUM_PROGRAMS,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """:func:`_linear_kernel` with one program per SM looping over the output tiles (grouped order), so one tile's
+    epilogue overlaps the next tile's loads (``flatten`` lets the software pipeline cross tile boundaries)."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    width = GROUP_M * grid_n
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), grid_m * grid_n, NUM_PROGRAMS, flatten=True):
+        group_id = tile // width
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(grid_m - first_m, GROUP_M)
+        pid_m = first_m + ((tile % width) % group_size)
+        pid_n = (tile % width) // group_size
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = offs_m % M
+        rn = offs_n % N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, k_tiles):
+            x_ptrs = X + rm.to(tl.int64)[:, None] * stride_xm + (kb * BLOCK_K + offs_k)[None, :]
+            w_ptrs = W + rn.to(tl.int64)[None, :] * stride_wn + (kb * BLOCK_K + offs_k)[:, None]
+            if EVEN_K:
+                a = tl.load(x_ptrs)
+                b = tl.load(w_ptrs)
+            else:
+                k_ok = offs_k < K - kb * BLOCK_K
+                a = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        n_ok = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = apply_activation(acc, ACT)
+        y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
 def linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -153,9 +213,15 @@ def linear_fwd(
     if m == 0:
         return y
     cfg = config or default_config(m, n, k, x.dtype, num_sms(x.device))
-    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
-    _linear_kernel[grid](
-        x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), n,
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    args = (x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), n)
+    if cfg.persistent:
+        programs = min(tiles, num_sms(x.device))
+        kernel, grid, args = _linear_persistent_kernel, (programs,), (*args, programs)
+    else:
+        kernel, grid = _linear_kernel, (tiles,)
+    kernel[grid](
+        *args,
         HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0, DOT_PREC=dot_precision(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

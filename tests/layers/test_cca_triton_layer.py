@@ -1,9 +1,12 @@
 """CCAttention on the Triton kernels (fused prologue + flash attention + flash decoding) against the fp64 layer.
 
 ``interpret``: fp32 on CPU under ``TRITON_INTERPRET=1``: packed ragged documents forward and every parameter's
-gradient; cached chunked prefill and decode steps equal one forward. ``gpu``: bf16 at a real shape (E = 2048,
-CCA-4x and CCGQA-2x/8x): output within 2x of the PyTorch path's bf16 error, gradient cosine >= 0.999 for every
-parameter and for the input, and decode through the cache.
+gradient; cached chunked prefill and decode steps equal one forward; ``impl="triton"`` never routes the core.
+CPU: the dense-input core routing (decision mocked to an SDPA choice) gives the output and gradients of the packed
+path. ``gpu``: bf16 at a real shape (E = 2048, CCA-4x and CCGQA-2x/8x): output within 2x of the PyTorch path's bf16
+error, gradient cosine >= 0.999 for every parameter and for the input, decode through the cache, and
+``impl="auto"`` on dense input picks a core (cached per shape) whose result, like every other candidate's, matches
+the fp64 layer.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import trimformer.layers.cca as cca_layer
 from trimformer.layers import AttentionCache, AttentionConfig, CCAttention
+from trimformer.ops.cca import core
 from trimformer.testing import assert_close_budget
 
 pytest.importorskip("triton")
@@ -70,6 +75,60 @@ def test_cached_prefill_and_decode_equal_one_forward_fp32():
     torch.testing.assert_close(torch.cat(outs, dim=1).double(), full, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("expand", [False, True], ids=["enable_gqa", "expand"])
+def test_dense_core_routing_matches_packed(monkeypatch, expand):
+    """Dense input whose core is routed to SDPA (decision mocked: the math backend on CPU) equals the same tokens as
+    packed documents (our varlen path), output and every gradient; the decision sees the training flag."""
+    from torch.nn.attention import SDPBackend
+
+    _, layer = make_layer(TINY, "auto", torch.float32, seed=2)
+    calls = []
+
+    def pick(q, k, dense, train):
+        calls.append((tuple(q.shape), tuple(k.shape), dense, train))
+        return core.CoreChoice("sdpa-math-test", SDPBackend.MATH, expand)
+
+    monkeypatch.setattr(cca_layer, "pick_dense_core", pick)
+    b, s = 3, 11
+    x = torch.randn(b, s, 24)
+    dy = torch.randn(b, s, 24)
+    xd = x.clone().requires_grad_()
+    yd = layer(xd)
+    assert layer.core_backend == "sdpa-math-test"
+    (yd * dy).sum().backward()
+    gd = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    assert calls == [((b * s, 4, 8), (b * s, 2, 8), (b, s), True)]
+    cu = torch.arange(b + 1, dtype=torch.int32) * s
+    xp = x.reshape(b * s, 24).clone().requires_grad_()
+    yp = layer(xp, cu_seqlens=cu, max_seqlen=s)
+    assert layer.core_backend == "torch" and len(calls) == 1  # packed input is never routed
+    (yp * dy.reshape(b * s, 24)).sum().backward()
+    tol = lambda g: 2e-5 * max(1.0, g.abs().max().item())  # fp32 rounding of two summation orders
+    torch.testing.assert_close(yd.reshape(b * s, 24), yp, rtol=0, atol=tol(yp))
+    torch.testing.assert_close(xd.grad.reshape(b * s, 24), xp.grad, rtol=0, atol=tol(xp.grad))
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(gd[n], p.grad, rtol=0, atol=tol(p.grad), msg=n)
+    with torch.no_grad():
+        layer(x)
+    assert calls[-1][3] is False  # inference: the forward-only choice
+
+
+@pytest.mark.interpret
+def test_triton_impl_never_routes_the_core(monkeypatch):
+    def pick(*args):
+        raise AssertionError("impl='triton' must not consult the core routing")
+
+    monkeypatch.setattr(cca_layer, "pick_dense_core", pick)
+    ref, tri = make_layer(TINY, "triton", torch.float32, seed=3)
+    x = torch.randn(2, 9, 24, dtype=F64)
+    with torch.no_grad():
+        y = tri(x.float())
+        want = ref(x)
+    assert tri.core_backend == "triton"
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-5)
+
+
 # ----------------------------------------------------------------------------------------------------- GPU
 
 
@@ -123,3 +182,55 @@ def test_gpu_bf16_decode_through_cache():
     got = torch.cat(outs, dim=1).float()
     err = (got - full).abs().max().item()
     assert err <= 2e-2 * max(1.0, full.abs().max().item()), err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hk", [(4, 4), (8, 2)], ids=["cca4x", "ccgqa2x8x"])
+def test_gpu_auto_routes_dense_core_and_matches_reference(hq, hk):
+    """``impl="auto"`` on dense input measures the cores once per shape, caches the fastest and records it; the
+    chosen core and every other runnable candidate (forced through the cache) match the fp64 layer within 2x of the
+    PyTorch bf16 error, forward and gradients (cosine >= 0.999)."""
+    cfg = AttentionConfig(kind="cca" if hq == hk else "ccgqa", hidden_size=2048, num_heads=hq, num_kv_heads=hk,
+                          head_dim=128)  # fmt: skip
+    ref, auto = make_layer(cfg, "auto", torch.bfloat16, device="cuda", seed=4)
+    ref.impl = "torch"
+    base = CCAttention(cfg, impl="torch", device="cuda", dtype=torch.bfloat16)
+    base.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for layer in (ref, auto, base):
+            for name, p in layer.named_parameters():
+                if "proj" in name:
+                    p.mul_(0.02 / 0.3)
+    b, s = 2, 1024
+    x = torch.randn(b, s, 2048, device="cuda", dtype=F64)
+    dy = torch.randn_like(x)
+    core.clear_core_cache()
+    with torch.no_grad():
+        want = ref(x)
+        got = auto(x.to(torch.bfloat16))
+        plain = base(x.to(torch.bfloat16))
+    key = (torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, b, s, hq, hk, 128, False)
+    chosen = core.cached_choices()
+    assert list(chosen) == [key], chosen
+    assert auto.core_backend == chosen[key].name
+    assert_close_budget(got, want, plain, name=f"auto ({auto.core_backend})")
+    xr = x.clone().requires_grad_()
+    (ref(xr) * dy).sum().backward()
+    want_g = {"x": xr.grad, **{n: p.grad for n, p in ref.named_parameters()}}
+    cands = [core.TRITON, *core.sdpa_candidates(hq != hk)]
+    runnable = core.probe(b, s, hq, hk, 128, torch.bfloat16, "cuda", True, cands, repeats=1)
+    assert "triton" in runnable and any(n.startswith("sdpa-") for n in runnable), runnable
+    for choice in [c for c in cands if c.name in runnable]:
+        core._CACHE[key] = choice
+        core._CACHE[key[:-1] + (True,)] = choice
+        auto.zero_grad()
+        xi = x.to(torch.bfloat16).requires_grad_()
+        y = auto(xi)
+        assert auto.core_backend == choice.name
+        assert_close_budget(y.detach(), want, plain, name=choice.name)
+        (y * dy.to(torch.bfloat16)).sum().backward()
+        got_g = {"x": xi.grad, **{n: p.grad for n, p in auto.named_parameters()}}
+        for n, g in want_g.items():
+            c = _cosine(got_g[n], g)
+            assert c >= 0.999, f"{choice.name} {n}: gradient cosine {c:.5f}"
+    core.clear_core_cache()

@@ -148,6 +148,38 @@ def test_backward_matches_reference_fp32(name, chunk, monkeypatch):
         _close(got[key], want[key], 5e-6, key)
 
 
+def test_dy2_scratch_dtype_rule():
+    cfg = prologue_bwd.BwdConfig(16, 4, 16, 16, 4)
+    assert cfg.scratch_dtype(torch.bfloat16) == torch.bfloat16  # "auto": the conv2 dots round dY2 to bf16 anyway
+    assert cfg.scratch_dtype(torch.float16) == torch.float32  # fp16 could overflow
+    assert cfg.scratch_dtype(torch.float32) == torch.float32
+    assert prologue_bwd.BwdConfig(16, 4, 16, 16, 4, scratch="input").scratch_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="scratch"):
+        prologue_bwd.BwdConfig(16, 4, 16, 16, 4, scratch="fp8").scratch_dtype(torch.float16)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", ["cca-k3x2-exp-states", "one-conv-states", "no-conv"])
+def test_backward_16bit_dy2_scratch_fp16(name, monkeypatch):
+    """The 16-bit ``dY2`` scratch (what bf16 input uses on the GPU; fp16 here, as the interpreter's bf16 is broken):
+    every gradient within 3x of PyTorch fp16's error against fp64, for two convs, one conv (dY2 read directly) and
+    none (the qk-mean terms)."""
+    case, kw = CASES[name]
+    inp = make_case(**case)
+    keys = (*LATENTS, *WEIGHTS, "initial_conv_state", "initial_value_state")
+    ref = _ref(inp, kw)
+    g = torch.Generator().manual_seed(2)
+    cot = [torch.randn(x.shape, generator=g, dtype=F64) for x in ref[:3]]
+    _, want = _grads(lambda a: _ref(a, kw)[:3], inp, keys, cot)
+    h = cast(inp, torch.float16)
+    _, base = _grads(lambda a: cca_prologue(**a, **kw, impl="torch")[:3], h, keys, cot)
+    cfg = prologue_bwd.BwdConfig(16, 4, 16, 16, 4, scratch="input")
+    monkeypatch.setattr(prologue_bwd, "default_bwd_config", lambda dh: cfg)
+    _, got = _grads(lambda a: cca_prologue(**a, **kw, impl="triton")[:3], h, keys, cot)
+    for key in want:
+        assert_close_budget(got[key], want[key], base[key], factor=3.0, name=f"fp16-scratch d{key}")
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("name", ["ccgqa-k2x2-empty-doc", "cca-k3x2-exp-states", "one-conv-states", "no-conv"])
 def test_decode_step_matches_reference_and_updates_states(name):

@@ -23,6 +23,7 @@ Rows go to ``attention.csv``; ``attention.md`` and the PNG plots are rendered fr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from functools import partial
@@ -31,6 +32,7 @@ E = 2048
 METHODS = ("MHA", "GQA-4", "GQA-8", "MLA", "CCA-4x", "CCA-8x", "CCGQA-2x/8x")
 OURS = ("CCA-4x", "CCA-8x", "CCGQA-2x/8x")
 _DEV = "cuda"
+SWEEP_FWD = ((64, 4, 2), (64, 4, 3), (128, 8, 1), (128, 8, 2), (32, 4, 2))  # --sweep: prologue fwd launch configs
 # The paper's reported speed-ups at S = 16k over d_h in {64, 128, 256} (cca-spec.md section 4): (mode, method, vs).
 PAPER = {
     ("fwd", "CCA-4x", "MHA"): "1.6-1.9 (causal fwd; prefill about 1.7)",
@@ -180,6 +182,8 @@ def _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl):
         t.grad = None
     if samples is None:
         return res
+    if name in OURS:  # which attention core the layer ran (impl="auto" routes dense input to the fastest)
+        extra["core"] = layer.core_backend
     base = dict(method=name, kind=cfg.kind, head_dim=cfg.head_dim, q_heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
                 batch=b, seqlen=s, dtype="bfloat16", impl=impl, **extra)  # fmt: skip
     rec.add(f"{name}|d{cfg.head_dim}|B{b}|S{s}", provider, mode, "ms", samples, **base)
@@ -242,6 +246,7 @@ def _breakdown(args, rec, log, cfg, name, b, s):
     from trimformer.bench.attention_kernel import _prime_clocks, _try
     from trimformer.ops.attention import varlen_attention
     from trimformer.ops.cca import cca_prologue, prologue_bwd, prologue_fwd
+    from trimformer.ops.cca import core as cca_core
     from trimformer.ops.rope import rotary_cos_sin
 
     t, hq, hk, dh = b * s, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -256,11 +261,11 @@ def _breakdown(args, rec, log, cfg, name, b, s):
     kw = dict(num_heads=hq, num_kv_heads=hk)
     cot = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]
     variants = {"prologue-triton": ("triton", None, None), "prologue-torch": ("torch", None, None)}
-    if args.sweep and (name, dh, b, s) == ("CCA-4x", 128, 1, 16384):
-        for fc in ((64, 8), (128, 8)):
-            variants[f"prologue-triton[fwd {fc[0]}x w{fc[1]}]"] = ("triton", prologue_fwd.FwdConfig(*fc), None)
-        for bc in ((64, 4, 64, 64, 4), (64, 8, 32, 128, 8)):
-            variants[f"prologue-triton[bwd {bc}]"] = ("triton", None, prologue_bwd.BwdConfig(*bc))
+    if args.sweep and (name, dh, b) == ("CCA-4x", 128, 1):  # rows x warps x pipeline stages; the fp32 dY2 scratch
+        for fc in SWEEP_FWD:
+            variants[f"prologue-triton[fwd {fc[0]}x w{fc[1]} s{fc[2]}]"] = ("triton", prologue_fwd.FwdConfig(*fc), None)
+        bc = dataclasses.replace(prologue_bwd.default_bwd_config(dh), scratch="fp32")
+        variants["prologue-triton[bwd dY2 fp32]"] = ("triton", None, bc)
     meta = prologue_fwd.make_meta(lat[0], w[0], w[2], cos, qk_mean=True, value_shift=True, temperature_mode="linear",
                                   **kw)  # fmt: skip
     out = {}
@@ -312,6 +317,30 @@ def _breakdown(args, rec, log, cfg, name, b, s):
             out[("attention-core", mode)] = _median(x)
             rec.add(f"{name}|d{dh}|B{b}|S{s}", "attention-core", f"{mode} (cuda graph)", "ms", x, method=name,
                     head_dim=dh, batch=b, seqlen=s, part="attention")  # fmt: skip
+    for mode in ("fwd", "fwd+bwd"):  # the SDPA candidates of the layer's dense-core routing (same probe)
+        times = _try(
+            log,
+            f"sdpa core {mode}",
+            partial(
+                cca_core.probe,
+                b,
+                s,
+                hq,
+                hk,
+                dh,
+                torch.bfloat16,
+                _DEV,
+                mode == "fwd+bwd",
+                cca_core.sdpa_candidates(hq != hk),
+                10,
+            ),
+        )
+        if times:
+            best = min(times, key=times.get)
+            out[("attention-core-sdpa", mode)] = times[best]
+            rec.add(f"{name}|d{dh}|B{b}|S{s}", "attention-core-sdpa", f"{mode} (cuda graph)", "ms", times[best],
+                    method=name, head_dim=dh, batch=b, seqlen=s, part="attention", sdpa=best,
+                    probe_ms={k: round(v, 4) for k, v in times.items()})  # fmt: skip
     log(f"  breakdown {name} d={dh} B={b} S={s}: " + " ".join(f"{p}/{m}={v:.4f}" for (p, m), v in out.items()))
 
 
@@ -487,6 +516,17 @@ def _body(rows, md: list[str], level: str, order=()):
                  for k, v in sorted(unfused.items())]  # fmt: skip
         md.append(f"\n{level} CCA on plain PyTorch (vectorised prologue + best SDPA) vs the fused kernels\n\n"
                   + markdown_table(head, table))  # fmt: skip
+    cores = {}
+    for r in rows:
+        p = r["params"]
+        if p.get("method") in OURS and r["provider"] == "ours" and p.get("core"):
+            cores.setdefault((p["method"], r["metric"], p["head_dim"], p["batch"], p["core"]), []).append(p["seqlen"])
+    if cores:
+        md.append(f"\n{level} Attention core the CCA layers ran (impl=\"auto\" on dense input: the fastest of our "
+                  "Triton kernel and the SDPA backends, measured once per shape)\n\n"
+                  + markdown_table(["method", "metric", "d_h", "B", "core", "S"],
+                                   [[*k, ", ".join(str(x) for x in sorted(set(v)))]
+                                    for k, v in sorted(cores.items())]))  # fmt: skip
     winners = {}
     for (metric, m, d, b, s), (prov, _) in idx.items():
         if m not in OURS:
@@ -541,14 +581,20 @@ def _breakdown_table(rows, markdown_table, order=()) -> str:
     table = []
     for m, d, b, s, timing in keys:
         for mode in ("fwd", "fwd+bwd"):
-            pro, pt, core = (parts.get((m, d, b, s, timing, p, mode), _NAN) for p in
-                             ("prologue-triton", "prologue-torch", "attention-core"))  # fmt: skip
-            table.append([m, d, b, s, timing, mode, pro, pt, core, _ratio(pro, core) * 100, _ratio(pt, pro)])
+            names = ("prologue-triton", "prologue-torch", "attention-core", "attention-core-sdpa")
+            pro, pt, core, sdpa = (parts.get((m, d, b, s, timing, p, mode), _NAN) for p in names)
+            fastest = min(core, sdpa) if not (math.isnan(core) or math.isnan(sdpa)) else core
+            table.append([m, d, b, s, timing, mode, pro, pt, core, sdpa, _ratio(pro, core) * 100,
+                          _ratio(pro, fastest) * 100, _ratio(pt, pro)])  # fmt: skip
     sweep = sorted((k, v) for k, v in parts.items() if "[" in k[5])
     text = "\n## Prologue vs attention core (ops alone, on the layer's latent shapes; timing: CUDA-graph GPU time or "
-    text += "eager call)\n\n" + markdown_table(
-        ["method", "d_h", "B", "S", "timing", "mode", "fused prologue ms", "PyTorch prologue ms", "attention core ms",
-         "prologue / core %", "fused speed-up"], table)  # fmt: skip
+    text += (
+        "eager call). Core: our Triton flash kernel, and the fastest SDPA backend (the candidates of the layer's "
+        "dense-core routing); the last % is against the faster of the two, the core the layer runs\n\n"
+    )
+    text += markdown_table(
+        ["method", "d_h", "B", "S", "timing", "mode", "fused prologue ms", "PyTorch prologue ms", "Triton core ms",
+         "SDPA core ms", "prologue / Triton core %", "prologue / fastest core %", "fused speed-up"], table)  # fmt: skip
     if sweep:
         text += "\n### Prologue launch configurations (ms)\n\n" + markdown_table(
             ["method", "d_h", "B", "S", "timing", "config", "mode", "ms"], [[*k[:6], k[6], v] for k, v in sweep]

@@ -18,10 +18,12 @@ The CCA math follows ``cca-spec.md`` sections 1-2 (see ``trimformer/ops/cca``); 
 ``trimformer.ops.attention`` (``varlen_attention`` without a cache, ``kvcache_attention`` with one).
 
 ``impl`` (every layer): ``"auto"`` runs our Triton kernels on CUDA (fused CCA prologue, varlen flash attention,
-flash-decoding) and PyTorch elsewhere; ``"triton"`` insists on them (a ``ValueError`` on unsupported input);
-``"torch"`` uses PyTorch only: for dense input without a mask on CUDA the core is ``F.scaled_dot_product_attention``
-(whichever SDPA backend is enabled: ``torch.nn.attention.sdpa_kernel`` selects flash, cuDNN or efficient), otherwise
-``varlen_attn``; ``"naive"`` runs the plain references.
+flash-decoding) and PyTorch elsewhere; for dense input without a mask, CCA/CCGQA layers run the latent attention core
+on the fastest of our flash kernel and PyTorch's SDPA backends for that shape, measured once and cached
+(``trimformer.ops.cca.core``; ``layer.core_backend`` names the core that ran); ``"triton"`` insists on our kernels
+(a ``ValueError`` on unsupported input); ``"torch"`` uses PyTorch only: for dense input without a mask on CUDA the core
+is ``F.scaled_dot_product_attention`` (whichever SDPA backend is enabled: ``torch.nn.attention.sdpa_kernel`` selects
+flash, cuDNN or efficient), otherwise ``varlen_attn``; ``"naive"`` runs the plain references.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import nn
 from trimformer.layers.cache import AttentionCache, CCACacheLayer
 from trimformer.ops.attention import kvcache_attention, varlen_attention
 from trimformer.ops.cca import TEMPERATURE_MODES, cca_decode_prologue, cca_prologue
+from trimformer.ops.cca.core import dense_core_attention, pick_dense_core
 from trimformer.ops.rope import rotary_cos_sin
 
 ATTENTION_KINDS = ("mha", "gqa", "mla", "cca", "ccgqa")
@@ -219,6 +222,8 @@ class AttentionBase(nn.Module, ABC):
     """
 
     sdpa_expand_kv: bool = False
+    dense_core_routing: bool = False  # impl="auto": measure SDPA against our kernel for dense input (see _attend)
+    core_backend: str | None = None
 
     def __init__(self, config: AttentionConfig, impl: str = "auto") -> None:
         super().__init__()
@@ -338,8 +343,11 @@ class AttentionBase(nn.Module, ABC):
         """Causal attention of packed ``q [T, Hq, D]``, ``k [T, Hk, D]``, ``v [T, Hk, Dv]`` -> ``[T, Hq, Dv]``.
 
         ``dense = (B, S)`` (every sequence has ``S`` tokens) lets ``impl="torch"`` on CUDA call SDPA on
-        ``[B, H, S, D]`` views; every other case goes through :func:`varlen_attention` (``v`` zero-padded to ``D``
-        when ``Dv < D``, the padding dropped from the output).
+        ``[B, H, S, D]`` views, and ``impl="auto"`` on CUDA (layers with ``dense_core_routing``) run the core on the
+        fastest of our kernel and the SDPA backends for that shape (:func:`trimformer.ops.cca.core.pick_dense_core`,
+        measured once per shape and cached); every other case goes through :func:`varlen_attention` (``v``
+        zero-padded to ``D`` when ``Dv < D``, the padding dropped from the output). ``self.core_backend`` records
+        which core ran last (``"triton"``, ``"torch"``, ``"naive"`` or the SDPA choice, e.g. ``"sdpa-cudnn"``).
         """
         t, hq, dv = q.shape[0], q.shape[1], v.shape[-1]
         if dense is not None and self.impl == "torch" and q.is_cuda:
@@ -350,7 +358,15 @@ class AttentionBase(nn.Module, ABC):
                 gqa = False
             qd, kd, vd = (x.reshape(b, s, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
             o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
+            self.core_backend = "torch"
             return o.transpose(1, 2).reshape(t, hq, dv)
+        if dense is not None and self.impl == "auto" and self.dense_core_routing and dv == q.shape[-1]:
+            train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            choice = pick_dense_core(q, k, dense, train)
+            if choice.is_sdpa:
+                self.core_backend = choice.name
+                return dense_core_attention(q, k, v, dense, scale, choice)
+        self.core_backend = ("triton" if q.is_cuda else "torch") if self.impl == "auto" else self.impl
         if dv < q.shape[-1]:  # the attention op takes one head dim for k and v: zero-pad v, drop later
             o = varlen_attention(q, k, F.pad(v, (0, q.shape[-1] - dv)), cu_seqlens, max_seqlen, causal=True,
                                  scale=scale, impl=self.impl)  # fmt: skip
@@ -379,10 +395,14 @@ class CCAttention(AttentionBase):
     ``conv1_bias [C]`` (depthwise, when ``num_convs >= 1``); ``conv2_weight [C, d_h, k_ch]`` and ``conv2_bias [C]``
     (head-wise grouped, when ``num_convs == 2``; conv biases when ``config.conv_bias``); ``temperature [h_k]``.
 
-    ``impl``: ``"auto"`` runs the fused Triton prologue (``trimformer.ops.cca``) and our Triton attention on CUDA,
-    ``"triton"`` insists on them, ``"torch"`` runs the vectorised PyTorch prologue and PyTorch attention, ``"naive"``
+    ``impl``: ``"auto"`` runs the fused Triton prologue (``trimformer.ops.cca``) on CUDA and, for dense input, the
+    attention core on whichever of our Triton flash kernel and PyTorch's SDPA backends (cuDNN, flash) measured
+    fastest for the shape (``core_backend`` says which ran), our kernel for packed input; ``"triton"`` insists on
+    our kernels, ``"torch"`` runs the vectorised PyTorch prologue and PyTorch attention, ``"naive"``
     the reference ops (see the module docstring).
     """
+
+    dense_core_routing = True
 
     def __init__(self, config: AttentionConfig, *, impl: str = "auto", device=None, dtype=None) -> None:
         if config.kind not in ("cca", "ccgqa"):

@@ -47,8 +47,10 @@ _MAX_GRID = 65535
 
 @dataclass(frozen=True)
 class BwdConfig:
-    """Launch configuration: norm kernel rows/warps, dX and dW2 kernels rows / input-channel block / warps, and
-    the rows each dX/dW2 program walks (0: chosen from the grid size, a multiple of ``block_t2``)."""
+    """Launch configuration: norm kernel rows/warps, dX and dW2 kernels rows / input-channel block / warps, the
+    rows each dX/dW2 program walks (0: chosen from the grid size, a multiple of ``block_t2``) and the dtype of the
+    ``dY2`` scratch: ``"auto"`` (bf16 for bf16 input, which the conv2 dots round to anyway; fp32 otherwise, as fp16
+    could overflow), ``"fp32"`` or ``"input"`` (the input dtype)."""
 
     block_t1: int
     num_warps1: int
@@ -56,6 +58,15 @@ class BwdConfig:
     block_b: int
     num_warps2: int
     chunk_rows: int = 0
+    scratch: str = "auto"
+
+    def scratch_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """dtype of the ``dY2`` scratch for inputs of ``dtype``."""
+        if self.scratch not in ("auto", "fp32", "input"):
+            raise ValueError(f"BwdConfig.scratch must be 'auto', 'fp32' or 'input', got {self.scratch!r}")
+        if self.scratch == "input" or (self.scratch == "auto" and dtype == torch.bfloat16):
+            return dtype
+        return torch.float32
 
 
 def default_bwd_config(head_dim: int) -> BwdConfig:
@@ -125,10 +136,10 @@ def _cca_bwd_norm_kernel(
     corr = tl.where(nrm > eps, zg * inv, 0.0)[:, None]  # |z| clamped at eps: no gradient through the norm
     Y = DY2 + g64 * s_dy + hh * DH
     if HALF > 0:
-        tl.store(Y + ra[None, :], coef * (ga - corr * za), mask=ok_r)
-        tl.store(Y + HALF + ra[None, :], coef * (gb - corr * zb), mask=ok_r)
+        tl.store(Y + ra[None, :], (coef * (ga - corr * za)).to(DY2.dtype.element_ty), mask=ok_r)
+        tl.store(Y + HALF + ra[None, :], (coef * (gb - corr * zb)).to(DY2.dtype.element_ty), mask=ok_r)
     if NOPE > 0:
-        tl.store(Y + 2 * HALF + rn[None, :], coef * (gc - corr * zc), mask=ok_n)
+        tl.store(Y + 2 * HALF + rn[None, :], (coef * (gc - corr * zc)).to(DY2.dtype.element_ty), mask=ok_n)
     VHALF: tl.constexpr = HK * DH // 2
     rd = tl.arange(0, BD)
     if hh >= HQ:
@@ -221,24 +232,25 @@ def _cca_bwd_dx_kernel(
                 dx += w1m[None, :] * _dy1(DY2, s_dy, W2T, s_t0, s_t1, bos, seqlen, c0, r, r_ok, m, b, b_ok, DT, BD,
                                           BK, DH, K2, DOT_PREC)  # fmt: skip
         elif NUM_CONVS == 1:
-            dy1_0 = tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0)
+            dy1_0 = tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0).to(tl.float32)
             dx = w1_last[None, :] * dy1_0
             for m in tl.static_range(1, K1):
                 ok_m = (r_ok & (r + m >= 0) & (r + m < seqlen))[:, None] & b_ok[None, :]
                 w1m = tl.load(W1 + (c0 + b) * s_w1c + (K1 - 1 - m) * s_w1k, mask=b_ok, other=0.0).to(tl.float32)
-                dx += w1m[None, :] * tl.load(DY2 + (gr + m) * s_dy + c0 + b[None, :], mask=ok_m, other=0.0)
+                d2m = tl.load(DY2 + (gr + m) * s_dy + c0 + b[None, :], mask=ok_m, other=0.0).to(tl.float32)
+                dx += w1m[None, :] * d2m
         else:
-            dx = tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0)
+            dx = tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0).to(tl.float32)
         if QK_MEAN:  # z_q[h] += (q0[h] + k0[h // g]) / 2,  z_k[j] += (mean_group q0 + k0[j]) / 2
             if hh < HQ:
-                dx += 0.5 * tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0)
+                dx += 0.5 * tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0).to(tl.float32)
                 kcol = (HQ + hh // G) * DH
-                dx += (0.5 / G) * tl.load(DY2 + gr * s_dy + kcol + b[None, :], mask=ok_in, other=0.0)
+                dx += (0.5 / G) * tl.load(DY2 + gr * s_dy + kcol + b[None, :], mask=ok_in, other=0.0).to(tl.float32)
             else:
                 j = hh - HQ
-                acc = tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0)
+                acc = tl.load(DY2 + gr * s_dy + c0 + b[None, :], mask=ok_in, other=0.0).to(tl.float32)
                 for h in range(j * G, j * G + G):
-                    acc += tl.load(DY2 + gr * s_dy + h * DH + b[None, :], mask=ok_in, other=0.0)
+                    acc += tl.load(DY2 + gr * s_dy + h * DH + b[None, :], mask=ok_in, other=0.0).to(tl.float32)
                 dx += 0.5 * acc
         tl.store(DX + gr * sdx + b[None, :], dx.to(DX.dtype.element_ty), mask=ok_in)
         if HAS_DCS:  # rows before the document: gradient of the initial conv state
@@ -294,7 +306,7 @@ def _cca_bwd_dw2_kernel(
         r_ok = r < r_hi
         t = r + (K2 - 1) - i  # dW2_i[a, b] += dY2[t, a] Y1[r, b]
         ok = (r_ok & (t >= 0) & (t < seqlen))[:, None] & a_ok[None, :]
-        d2 = tl.load(DY2 + (bos + t).to(tl.int64)[:, None] * s_dy + c0 + a[None, :], mask=ok, other=0.0)
+        d2 = tl.load(DY2 + (bos + t).to(tl.int64)[:, None] * s_dy + c0 + a[None, :], mask=ok, other=0.0).to(tl.float32)
         y1 = _y1_chunk(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, bos + r, r, docs, r_ok, b, b_ok,
                        K2 - 1, K1, K2, P, HAS_CST, HAS_B1)  # fmt: skip
         acc = tl.dot(tl.trans(d2.to(DT)), y1.to(DT), acc, input_precision=DOT_PREC)
@@ -371,7 +383,7 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperatur
     empty = lambda *shape, dtype=dt: torch.empty(*shape, dtype=dtype, device=dev)
     dq, dk, dv = (torch.zeros(t, hd, dh, dtype=dt, device=dev) if g is None else last_unit(g)
                   for g, hd in ((dq, meta.hq), (dk, meta.hk), (dv, meta.hk)))  # fmt: skip
-    dy2 = empty(t, c, dtype=torch.float32)
+    dy2 = empty(t, c, dtype=cfg.scratch_dtype(dt))
     dvc, dvd = empty(t, ck // 2), empty(t, ck // 2)
     dvs = torch.zeros(vst_shape, dtype=dt, device=dev) if vst_shape is not None else None
     dq0, dk0 = empty(t, meta.hq * dh), empty(t, ck)

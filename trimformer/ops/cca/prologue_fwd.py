@@ -41,10 +41,12 @@ NORM_EPS = torch.finfo(torch.float32).eps  # the torch path clamps |z| at float3
 
 @dataclass(frozen=True)
 class FwdConfig:
-    """Launch configuration of the prologue forward: ``block_t`` token rows per program."""
+    """Launch configuration of the prologue forward: ``block_t`` token rows per program, ``num_warps`` and the
+    software-pipelining depth ``num_stages`` of the conv2 chunk loop."""
 
     block_t: int
     num_warps: int
+    num_stages: int = 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -416,7 +418,7 @@ def launch_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2t, b2, temperature, c
         **meta.constexprs(), PP=next_power_of_2(max(meta.pad, 1)), VALUE_SHIFT=meta.value_shift,
         EXP_TEMP=meta.exp_temp, HAS_CST=cst is not None, HAS_VST=vst is not None, HAS_B1=b1 is not None,
         HAS_B2=b2 is not None, DECODE=decode, BT=cfg.block_t, DOT_PREC=dot_precision(q0.dtype),
-        num_warps=cfg.num_warps, num_stages=1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     ptrs = [q0, k0, v_cur, v_del, w1 if w1 is not None else dummy, b1 if b1 is not None else dummy,
             w2t if w2t is not None else dummy, b2 if b2 is not None else dummy, temperature,

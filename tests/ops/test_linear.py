@@ -121,3 +121,44 @@ def test_linear_gpu_configs(persistent, shape):
         lo = [t.half() for t in (x, w, b)]
         out = linear_fwd(*lo, "gelu_erf" if act else "identity", config=cfg)
         assert_close_budget(out, naive_linear(x, w, b, act), naive_linear(*lo, act), factor=2.0, name=str(cfg))
+
+
+def test_tuner_bookkeeping_on_cpu():
+    from trimformer.ops.linear import tune
+    from trimformer.ops.linear.gemm import GemmConfig
+
+    x, w, b = (t.float() for t in _inputs(40, 32, 24))
+    calls = []
+    assert tune.choose(x, w, b, "gelu_erf", lambda: calls.append(1)) is None  # no search off the GPU
+    assert not calls
+    key = tune.tune_key(40, 24, 32, "gelu_erf", torch.float16, torch.device("cuda", 0))
+    assert key == tune.tune_key(64, 24, 32, "gelu_erf", torch.float16, torch.device("cuda", 0))  # same bucket
+    assert key != tune.tune_key(65, 24, 32, "gelu_erf", torch.float16, torch.device("cuda", 0))
+    assert tune.lookup(key) == "unknown"
+    try:
+        tune.set_choice(key, GemmConfig(64, 64, 64, 8, 4, 4))
+        assert tune.chose_triton(33, 24, 32, torch.float16) and not tune.chose_triton(33, 24, 32, torch.bfloat16)
+        old = dict(linear_api.EPILOGUE_POLICY)
+        linear_api.EPILOGUE_POLICY["mode"] = "measured"
+        try:
+            assert linear_api.use_gemm_epilogue(50, 24, 32, torch.float16) == torch.cuda.is_available()
+        finally:
+            linear_api.EPILOGUE_POLICY.update(old)
+    finally:
+        tune.clear()
+    for m in (1, 300, 5000):
+        cands = tune.candidate_configs(m, 3072, 768, torch.float16, 132)
+        assert cands and len(set(cands)) == len(cands)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k", "n", "act"), [(300, 768, 3072, "gelu"), (4864, 768, 3072, "gelu")])
+def test_tuned_auto_linear_gpu(m, k, n, act):
+    from trimformer.ops.linear import tune
+
+    tune.clear()
+    _check(m, k, n, act, torch.float16, "cuda", "auto")  # searches, then runs the chosen path
+    (times,) = tune.MEASURED.values()
+    assert "cublas" in times and len(times) >= 2
+    _check(m, k, n, act, torch.float16, "cuda", "auto")  # the remembered choice
+    assert len(tune.MEASURED) == 1

@@ -30,7 +30,8 @@ import statistics
 import time
 from types import SimpleNamespace
 
-PARTS = ("latency", "attention", "ladder", "gemm", "e2e")
+PARTS = ("latency", "attention", "ladder", "gemm", "e2e", "tuner")
+E2E_DEFAULT = "trimformer fp16,sentence-transformers fp16,sentence-transformers fp32"
 BERT_BASE = dict(hidden=768, heads=12, layers=12, ffn=3072, vocab=30522, positions=1024)
 
 
@@ -50,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="MiniLM folder for e2e (default: the packaged one)")
     parser.add_argument("--texts", type=int, default=100_000, help="texts of the e2e part")
     parser.add_argument("--st-batch", type=int, default=32, help="sentence-transformers encode batch size")
+    parser.add_argument(
+        "--st-texts",
+        type=int,
+        default=None,
+        help="texts for the sentence-transformers providers (a prefix of the same texts; default all)",
+    )
+    parser.add_argument("--e2e-providers", default=E2E_DEFAULT,
+                        help="e2e providers (also: trimformer fp32)")  # fmt: skip
 
 
 def _ints(text: str) -> list[int]:
@@ -384,50 +393,86 @@ def _part_gemm(args, rec, log, md):
 
 def _part_e2e(args, rec, log, md):
     import torch
-    from sentence_transformers import SentenceTransformer
 
     from trimformer import Encoder
     from trimformer.bench.common import markdown_table
     from trimformer.bench.embed_cpu import make_texts
 
-    enc32 = Encoder.from_pretrained(args.model, device="cuda", dtype="float32")
-    texts = make_texts(enc32.tokenizer, args.texts, short_frac=0.7, seed=args.seed)
-    n_tok = enc32.tokenize(texts).num_tokens
-    path = enc32.name_or_path
-    st32 = SentenceTransformer(path, device="cuda")
-    st32.float()
-    st16 = SentenceTransformer(path, device="cuda")
-    st16.half()
-    enc16 = Encoder.from_pretrained(path, device="cuda", dtype="float16")
-    providers = {
-        "trimformer fp16": lambda t: enc16.embed(t),
-        "trimformer fp32": lambda t: enc32.embed(t),
-        "sentence-transformers fp16": lambda t: st16.encode(t, batch_size=args.st_batch, convert_to_tensor=True),
-        "sentence-transformers fp32": lambda t: st32.encode(t, batch_size=args.st_batch, convert_to_tensor=True),
+    enc16 = Encoder.from_pretrained(args.model, device="cuda", dtype="float16")
+    texts = make_texts(enc16.tokenizer, args.texts, short_frac=0.7, seed=args.seed)
+    st_n = min(args.st_texts or len(texts), len(texts))
+    n_tok = {len(texts): enc16.tokenize(texts).num_tokens, st_n: enc16.tokenize(texts[:st_n]).num_tokens}
+    path = enc16.name_or_path
+    log(f"e2e: {len(texts)} texts, {n_tok[len(texts)]} tokens")
+    names = [n.strip() for n in args.e2e_providers.split(",") if n.strip()]
+    builders = {
+        "trimformer fp16": lambda: enc16.embed,
+        "trimformer fp32": lambda: Encoder.from_pretrained(path, device="cuda", dtype="float32").embed,
+        "sentence-transformers fp16": lambda: _st(path, torch.float16, args.st_batch),
+        "sentence-transformers fp32": lambda: _st(path, torch.float32, args.st_batch),
     }
-    res, outs = {}, {}
-    for name, fn in providers.items():
-        fn(texts[:2000])  # warm: kernels, graphs for the common buckets
+    res, outs, counts = {}, {}, {}
+    for name in names:
+        fn = builders[name]()
+        subset = texts if name.startswith("trimformer") else texts[:st_n]
+        fn(texts[:2000])  # warm: kernels, GEMM choices, graphs for the common buckets
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = fn(texts)
+        out = fn(subset)
         torch.cuda.synchronize()
         res[name] = time.perf_counter() - t0
-        outs[name] = out.float().cpu()
-        rec.add("e2e-minilm", name, "embed", "s", res[name], texts=len(texts), tokens=n_tok,
-                texts_per_s=len(texts) / res[name], tokens_per_s=n_tok / res[name])  # fmt: skip
-        log(f"e2e {name}: {res[name]:.2f} s, {len(texts) / res[name]:.0f} texts/s")
-    ref = torch.nn.functional.normalize(outs["sentence-transformers fp32"], dim=-1)
+        outs[name] = torch.as_tensor(out).float().cpu()
+        counts[name] = len(subset)
+        tok = n_tok[len(subset)]
+        rec.add("e2e-minilm", name, "embed", "s", res[name], texts=len(subset), tokens=tok,
+                texts_per_s=len(subset) / res[name], tokens_per_s=tok / res[name])  # fmt: skip
+        log(f"e2e {name}: {len(subset)} texts in {res[name]:.2f} s, {len(subset) / res[name]:.0f} texts/s")
+        del fn
+    ref_name = "sentence-transformers fp32" if "sentence-transformers fp32" in outs else None
     rows = []
+    rate = {name: counts[name] / v for name, v in res.items()}
     for name, v in res.items():
-        cos = torch.nn.functional.cosine_similarity(torch.nn.functional.normalize(outs[name], dim=-1), ref, dim=-1)
-        rows.append([name, v, len(texts) / v, n_tok / v / 1e6, res["sentence-transformers fp16"] / v,
-                     res["sentence-transformers fp32"] / v, cos.min().item(), cos.mean().item()])  # fmt: skip
-        rec.add("e2e-minilm", name, "cosine vs ST fp32 (min)", "1", cos.min().item(), texts=len(texts))
-    md.append(f"\n## all-MiniLM-L6-v2 end to end (tokenization included), {len(texts):,} mixed-length texts "
-              f"({n_tok:,} tokens)\n\n")  # fmt: skip
-    md.append(markdown_table(["provider", "s", "texts/s", "M tok/s", "speedup vs ST fp16", "speedup vs ST fp32",
-                              "min cosine vs ST fp32", "mean cosine"], rows))  # fmt: skip
+        cos_min = cos_mean = math.nan
+        if ref_name is not None:
+            n = min(counts[name], counts[ref_name])
+            ref = torch.nn.functional.normalize(outs[ref_name][:n], dim=-1)
+            cos = torch.nn.functional.cosine_similarity(torch.nn.functional.normalize(outs[name][:n], dim=-1), ref)
+            cos_min, cos_mean = cos.min().item(), cos.mean().item()
+            rec.add("e2e-minilm", name, "cosine vs ST fp32 (min)", "1", cos_min, texts=n)
+        st16 = rate.get("sentence-transformers fp16", math.nan)
+        st32 = rate.get("sentence-transformers fp32", math.nan)
+        rows.append([name, counts[name], v, rate[name], n_tok[counts[name]] / v / 1e6, rate[name] / st16,
+                     rate[name] / st32, cos_min, cos_mean])  # fmt: skip
+    md.append(f"\n## all-MiniLM-L6-v2 end to end (tokenization included), mixed-length texts ({len(texts):,} texts, "
+              f"{n_tok[len(texts)]:,} tokens; sentence-transformers on the first {st_n:,})\n\n")  # fmt: skip
+    md.append(markdown_table(["provider", "texts", "s", "texts/s", "M tok/s", "throughput vs ST fp16",
+                              "throughput vs ST fp32", "min cosine vs ST fp32", "mean cosine"], rows))  # fmt: skip
+
+
+def _st(path, dtype, batch):
+    """``SentenceTransformer.encode`` in ``dtype`` on CUDA (its checkpoint dtype is fp16; fp32 is its usual default)."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(path, device="cuda").to(dtype)
+    return lambda t: st.encode(t, batch_size=batch, convert_to_tensor=True)
+
+
+def _part_tuner(args, rec, log, md):
+    """The GEMM choices ``linear(impl="auto")`` measured during this run (``trimformer/ops/linear/tune.py``)."""
+    from trimformer.bench.common import markdown_table
+    from trimformer.ops.linear import tune
+
+    rows = []
+    for key, times in sorted(tune.MEASURED.items(), key=lambda kv: (str(kv[0][4]), kv[0][:4])):
+        m, n, k, kind, dtype = key[:5]
+        best = min(times, key=times.get)
+        cfg = best if best == "cublas" else best.replace("GemmConfig", "")
+        rows.append([str(dtype).replace("torch.", ""), m, n, k, kind, times["cublas"], times[best],
+                     times["cublas"] / times[best], cfg])  # fmt: skip
+        rec.add(f"tune-M{m}-N{n}-K{k}", kind, "best", "ms", times[best], cublas_ms=times["cublas"], choice=cfg)
+    md.append('\n## GEMM choices of `linear(impl="auto")` (row bucket = next power of two; median ms of 7 calls)\n\n')
+    md.append(markdown_table(["dtype", "M bucket", "N", "K", "act", "cuBLAS path ms", "chosen ms", "speedup",
+                              "choice"], rows))  # fmt: skip
 
 
 def run(args) -> int:
@@ -451,7 +496,7 @@ def run(args) -> int:
 
     md = [f"# encoder\n\n{rec.env_line()}\n\nBERT-base, random weights, lengths uniform in [0.2 S, S].\n"]
     runners = {"latency": _part_latency, "attention": _part_attention, "ladder": _part_ladder, "gemm": _part_gemm,
-               "e2e": _part_e2e}  # fmt: skip
+               "e2e": _part_e2e, "tuner": _part_tuner}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = Path(tmp)
         for part in parts:

@@ -13,8 +13,9 @@ work); replaying a captured graph removes that floor. A graph has static shapes,
   its grid with it, an upper bound is exact;
 * ``has_types``: whether token-type ids are given.
 
-Every op of the forward is per token except attention, which is per sequence, so real rows are bit-identical to an
-eager forward of the same packed tensors with the same ``max_seqlen``. Static inputs are refilled with
+Every op of the forward is per token except attention, which is per sequence, so real rows do not depend on what
+the padding rows hold (they keep an earlier batch's valid ids: no clearing kernels) and equal an eager forward of the
+same packed tensors with the same ``max_seqlen``. Static inputs are refilled with
 device-to-device copies (and one pinned host-to-device copy of ``cu_seqlens``) before each replay: no host syncs.
 Capturing a new bucket synchronises once (warm-up and capture); replays never do.
 """
@@ -121,15 +122,12 @@ class _Graph:
 
     def replay(self, batch: PackedBatch) -> torch.Tensor:
         t = batch.num_tokens
+        # Padding rows keep whatever valid ids/positions/types an earlier batch left there: they only feed the dummy
+        # sequences, which no real token attends to, so clearing them would cost kernels and change nothing.
         self.ids[:t].copy_(batch.input_ids, non_blocking=True)
         self.pos[:t].copy_(batch.position_ids, non_blocking=True)
-        if t < self.key.tokens:  # a previous, larger batch may have left real ids/positions in the padding
-            self.ids[t:].zero_()
-            self.pos[t:].fill_(self.position_offset)
         if self.types is not None:
             self.types[:t].copy_(batch.token_type_ids, non_blocking=True)
-            if t < self.key.tokens:
-                self.types[t:].zero_()
         cu = torch.tensor(static_cu_seqlens(batch.seqlens, self.key), dtype=torch.int32)
         self.cu.copy_(cu.pin_memory() if self.cu.is_cuda else cu, non_blocking=True)
         self.graph.replay()

@@ -2,10 +2,12 @@
 
 ``impl`` selects the implementation:
 
-* ``"auto"``: on CUDA, without an activation, cuBLAS (``F.linear``, bias in cuBLAS's epilogue); with one, either
+* ``"auto"``: on CUDA, without an activation, cuBLAS (``F.linear``, bias in cuBLAS's epilogue; up to
+  :data:`SMALL_M` rows in fp16/bf16 the Triton GEMM instead where it measured faster); with one, either
   the Triton GEMM with the bias and activation in its epilogue (``gemm.py``) or cuBLAS followed by the fused
-  bias + activation kernel (``trimformer.ops.activation``), whichever :func:`use_gemm_epilogue` says measured faster
-  for the shape. On CPU (or when autograd needs gradients): ``"torch"``.
+  bias + activation kernel (``trimformer.ops.activation``), whichever measured faster for the shape on this GPU
+  (``tune.py``: timed once per shape bucket, outside CUDA-graph captures). On CPU (or when autograd needs
+  gradients): ``"torch"``.
 * ``"triton"``: the Triton GEMM (forward only); raises when it cannot run the input.
 * ``"torch"``: ``F.linear`` then :func:`trimformer.ops.activation.bias_act` with ``impl="torch"`` in place (the
   CPU path: no extra allocation).
@@ -28,23 +30,29 @@ from trimformer.ops.activation.api import torch_bias_act
 Impl = Literal["auto", "triton", "torch", "naive"]
 _IMPLS = ("auto", "triton", "torch", "naive")
 
-#: ``"auto"`` policy for GEMMs with an activation: ``"measured"`` (the rule in :func:`use_gemm_epilogue`),
-#: ``"always"`` (Triton GEMM epilogue) or ``"never"`` (cuBLAS + fused bias-activation kernel). Benchmarks switch it.
+#: ``"auto"`` policy for GEMMs with an activation: ``"measured"`` (the per-shape search of ``tune.py``),
+#: ``"always"`` (Triton GEMM epilogue, shape-only config) or ``"never"`` (cuBLAS + fused bias-activation kernel).
+#: Benchmarks switch it.
 EPILOGUE_POLICY = {"mode": "measured"}
+#: GEMMs without an activation are measured against cuBLAS only up to this many rows (latency-bound sizes, where
+#: small Triton tiles can beat cuBLAS's choice); larger ones always run cuBLAS.
+SMALL_M = 512
 
 
 def use_gemm_epilogue(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether ``"auto"`` runs an ``[m, k] x [k, n]`` GEMM with an activation as one Triton GEMM with a fused
-    epilogue (``True``) rather than cuBLAS + the fused bias-activation kernel (``False``).
-
-    Measured on H100 (``trimformer/ops/linear/NOTES.md``): the Triton GEMM with the GELU epilogue lost to cuBLAS at
-    every BERT-base shape (M = 4096: 0.064 vs 0.057 ms; M = 19200: 0.279 vs 0.232 ms; whole model B = 16, S = 512:
-    2.62 vs 2.32 ms), so the measured rule keeps cuBLAS + the fused kernel everywhere.
+    epilogue (``True``) rather than cuBLAS + the fused bias-activation kernel (``False``), as far as known without
+    measuring: the forced policies, or in ``"measured"`` mode a choice already made by ``tune.py`` for a CUDA GEMM
+    (any activation) of this shape bucket on the current device.
     """
     mode = EPILOGUE_POLICY["mode"]
     if mode != "measured":
         return mode == "always"
-    return False
+    if not torch.cuda.is_available():
+        return False
+    from trimformer.ops.linear import tune
+
+    return tune.chose_triton(m, n, k, dtype)
 
 
 def linear(
@@ -79,12 +87,24 @@ def linear(
         if not x.is_cuda or needs_grad:
             impl = "torch"
         elif act is None:
+            k = x.shape[-1]
+            if EPILOGUE_POLICY["mode"] == "measured" and 0 < x.numel() <= SMALL_M * k and x.dtype != torch.float32:
+                from trimformer.ops.linear import tune
+
+                cfg = tune.choose(x, weight, bias, "identity", lambda: F.linear(x, weight, bias))
+                if cfg is not None:
+                    return _kernel_module().linear_fwd(x, weight, bias, "identity", config=cfg)
             return F.linear(x, weight, bias)
         else:
-            k, n = x.shape[-1], weight.shape[0]
-            m = x.numel() // k if k else 0
-            if use_gemm_epilogue(m, n, k, x.dtype) and _kernel_reason(x, weight, kind) is None:
-                return _kernel_module().linear_fwd(x, weight, bias, kind)
+            mode = EPILOGUE_POLICY["mode"]
+            if mode != "never" and _kernel_reason(x, weight, kind) is None and x.numel():
+                if mode == "always":
+                    return _kernel_module().linear_fwd(x, weight, bias, kind)
+                from trimformer.ops.linear import tune
+
+                cfg = tune.choose(x, weight, bias, kind, lambda: bias_act(F.linear(x, weight), bias, act, inplace=True))
+                if cfg is not None:
+                    return _kernel_module().linear_fwd(x, weight, bias, kind, config=cfg)
             return bias_act(F.linear(x, weight), bias, act, inplace=True)
     if impl == "naive":
         from trimformer.ops.linear.naive import naive_linear

@@ -2,11 +2,11 @@
 
 Our Triton flash kernel (``trimformer.ops.attention``) takes packed and variable-length input; when every sequence
 has the same length ``S`` (dense ``[B, S, E]`` input) PyTorch's SDPA backends (cuDNN, FlashAttention-2) can run the
-same core, and on Hopper cuDNN is faster at long ``S`` (NOTES.md). :func:`pick_dense_core` measures each candidate
-once per shape (our kernel; cuDNN and flash SDPA, for grouped heads with ``enable_gqa`` and with the kv heads
-expanded to the query heads) and caches the fastest; :func:`dense_core_attention` runs a choice. The probe runs only
-on CUDA, outside graph capture and ``torch.compile``; there (and on CPU) the choice is our kernel. The steady state
-is a dict lookup and one kernel, with no ``try`` around it.
+same core, and on Hopper cuDNN is faster (NOTES.md). :func:`pick_dense_core` measures each candidate once per shape
+(our kernel; cuDNN and flash SDPA, for grouped heads with ``enable_gqa`` and with the kv heads expanded to the query
+heads) and caches the fastest; :func:`dense_core_attention` runs a choice. The probe runs only on CUDA, outside graph
+capture and ``torch.compile``; there (and on CPU) the choice is our kernel. The steady state is a dict lookup and one
+kernel, with no ``try`` around it.
 """
 
 from __future__ import annotations
@@ -138,9 +138,10 @@ def probe(b: int, s: int, hq: int, hk: int, d: int, dtype: torch.dtype, device, 
 
 def pick_dense_core(q: torch.Tensor, k: torch.Tensor, dense: tuple[int, int], train: bool) -> CoreChoice:
     """The fastest core for packed ``q [B*S, Hq, D]``, ``k [B*S, Hk, D]`` of ``dense = (B, S)`` (``train``: timed
-    with the backward), measured on the first call per shape and cached. Our kernel (:data:`TRITON`) off CUDA, under
-    ``torch.compile`` and during CUDA-graph capture of a shape not measured yet (not cached: the next eager call
-    measures)."""
+    with the backward), measured on the first call per shape (a few ms to a few hundred ms of GPU time, once; a
+    backend that ran in the probe runs the same shape again, so the steady state needs no fallback) and cached. Our
+    kernel (:data:`TRITON`) off CUDA, under ``torch.compile`` and during CUDA-graph capture of a shape not measured
+    yet (not cached: the next eager call measures)."""
     if not q.is_cuda:
         return TRITON
     b, s = dense
@@ -150,7 +151,8 @@ def pick_dense_core(q: torch.Tensor, k: torch.Tensor, dense: tuple[int, int], tr
         return choice
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return TRITON
-    times = probe(b, s, q.shape[1], k.shape[1], q.shape[2], q.dtype, q.device, train)
+    with torch.cuda.device(q.device):
+        times = probe(b, s, q.shape[1], k.shape[1], q.shape[2], q.dtype, q.device, train)
     names = {c.name: c for c in (TRITON, *sdpa_candidates(q.shape[1] != k.shape[1]))}
     best = min(times, key=times.get) if times else TRITON.name
     _CACHE[key] = names[best]

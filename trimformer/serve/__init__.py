@@ -36,9 +36,32 @@ failed (its batchmates are re-run alone, so they are unaffected). Errors under `
 (``{"error": {"message", "type", "code"}}``), the others TEI's (``{"error", "error_type"}``).
 """
 
-from trimformer.serve.app import create_app
-from trimformer.serve.config import ServerConfig
-from trimformer.serve.model import ServedModel
-from trimformer.serve.server import build_server, run_server
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Lazy: `trimformer --help` and every other subcommand build the `serve` parser from `serve.config`, which must not
+# pull in FastAPI/uvicorn (a GPU box running benchmarks may not have them).
+_LAZY = {
+    "create_app": "trimformer.serve.app",
+    "ServerConfig": "trimformer.serve.config",
+    "ServedModel": "trimformer.serve.model",
+    "build_server": "trimformer.serve.server",
+    "run_server": "trimformer.serve.server",
+}
+
+if TYPE_CHECKING:
+    from trimformer.serve.app import create_app  # noqa: F401
+    from trimformer.serve.config import ServerConfig  # noqa: F401
+    from trimformer.serve.model import ServedModel  # noqa: F401
+    from trimformer.serve.server import build_server, run_server  # noqa: F401
 
 __all__ = ["ServedModel", "ServerConfig", "build_server", "create_app", "run_server"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'trimformer.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -11,8 +11,9 @@ API_KEY_ENV = "TRIMFORMER_API_KEY"
 
 
 def default_tokenization_workers() -> int:
-    """Threads that tokenize requests: one per CPU core, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Threads that tokenize requests: one per CPU core, at most 4 (the Rust tokenizer parallelises a batch by
+    itself; more Python threads mostly contend for the GIL with the event loop and the model worker)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ServerConfig:
         tokenization_workers: threads that tokenize (default: :func:`default_tokenization_workers`).
         shutdown_timeout: seconds to wait for accepted requests after SIGTERM before exiting anyway.
         retry_after: seconds sent in ``Retry-After`` with 429 and 503 answers.
+        cuda_graphs: on a GPU, replay CUDA graphs for model batches (the engine's default).
         access_log: log every request (uvicorn's access log).
         log_level: uvicorn log level.
     """
@@ -50,6 +52,7 @@ class ServerConfig:
     tokenization_workers: int | None = None
     shutdown_timeout: float = 30.0
     retry_after: int = 1
+    cuda_graphs: bool = True
     access_log: bool = False
     log_level: str = "info"
 
@@ -87,6 +90,7 @@ class ServerConfig:
             model_id=args.model_id,
             tokenization_workers=args.tokenization_workers,
             shutdown_timeout=args.shutdown_timeout,
+            cuda_graphs=args.cuda_graphs,
             access_log=args.access_log,
             log_level=args.log_level,
         )
@@ -150,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model-id", default=None, help="model name reported by the API (default: folder name)")
     parser.add_argument(
-        "--tokenization-workers", type=_positive_int, default=None, metavar="N", help="tokenizer threads (cores, <= 8)"
+        "--tokenization-workers", type=_positive_int, default=None, metavar="N", help="tokenizer threads (cores, <= 4)"
     )
     parser.add_argument(
         "--shutdown-timeout",
@@ -158,6 +162,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         metavar="S",
         help="after SIGTERM, wait at most S seconds for accepted requests (30)",
+    )
+    parser.add_argument(
+        "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="run every GPU forward eagerly"
     )
     parser.add_argument("--access-log", action="store_true", help="log every request")
     parser.add_argument(

@@ -58,6 +58,7 @@ class ServedModel:
         device: str | None = None,
         dtype: str | None = None,
         model_id: str | None = None,
+        cuda_graphs: bool = True,
     ) -> ServedModel:
         """Load a model folder (``None``: the packaged all-MiniLM-L6-v2, reported as ``all-MiniLM-L6-v2``).
 
@@ -67,7 +68,7 @@ class ServedModel:
         if path is None:
             path = default_model_path()
             model_id = model_id or "all-MiniLM-L6-v2"
-        encoder = Encoder.from_pretrained(path, device=device, dtype=dtype)
+        encoder = Encoder.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=cuda_graphs)
         head = info = None
         if classifier_config(path) is not None:
             head, info = load_head(path, encoder.config, device=encoder.device)
@@ -126,7 +127,7 @@ class ServedModel:
     def _thread_encoder(self) -> Encoder:
         view = getattr(self._local, "encoder", None)
         if view is None:
-            view = Encoder(self.encoder.model, self.encoder.name_or_path, st_settings=self._st)
+            view = Encoder(self.encoder.model, self.encoder.name_or_path, st_settings=self._st, cuda_graphs=False)
             view.tokenizer  # noqa: B018 - load it now, in this thread
             self._local.encoder = view
         return view
@@ -191,7 +192,7 @@ class ServedModel:
             for rows in batches:
                 types = None if token_type_ids is None else [token_type_ids[i] for i in rows]
                 batch = enc.pack([input_ids[i] for i in rows], types)
-                chunks.append(self.head(enc.model.forward_packed(batch), batch.cu_seqlens))
+                chunks.append(self.head(enc.forward_packed(batch), batch.cu_seqlens))
             logits = torch.cat(chunks).cpu()
         out = torch.empty_like(logits)
         out[torch.tensor([i for rows in batches for i in rows])] = logits

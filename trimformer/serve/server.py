@@ -84,7 +84,9 @@ def setup_logging(level: str) -> None:
 def run_server(config: ServerConfig, *, sock: socket.socket | None = None) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain, return the exit status (0 after a clean drain)."""
     setup_logging(config.log_level)
-    model = ServedModel.load(config.model, device=config.device, dtype=config.dtype, model_id=config.model_id)
+    model = ServedModel.load(
+        config.model, device=config.device, dtype=config.dtype, model_id=config.model_id, cuda_graphs=config.cuda_graphs
+    )
     enc = model.encoder
     logger.info(
         "trimformer %s model %s (%s, %s, %s) on http://%s:%d",

@@ -15,8 +15,12 @@ Parts (``--part``, comma list or ``all``):
 * ``gemm``: the FFN GEMM ``[T, 768] x [768, 3072]`` + bias + erf GELU: cuBLAS + ``F.gelu``, cuBLAS + our fused
   bias-GELU kernel, our Triton GEMM with the epilogue (default and ``--gemm-sweep`` configs); bias-free GEMMs too.
 * ``e2e``: all-MiniLM-L6-v2 end to end (tokenization included) on ``--texts`` mixed-length texts: trimformer
-  ``Encoder.embed`` vs ``SentenceTransformer.encode`` in the same dtype and in its default fp32, with the cosine of
-  our embeddings against the fp32 ones.
+  ``Encoder.embed`` vs ``SentenceTransformer.encode`` in fp16 and fp32 (``--st-texts``: sentence-transformers on a
+  prefix of the same texts), with the cosine of every provider's embeddings against sentence-transformers fp32.
+* ``tuner``: the per-shape GEMM choices ``linear(impl="auto")`` measured in this process (``ops/linear/tune.py``).
+* ``profile``: per-kernel GPU time of trimformer's graphed forward at ``B`` = 1 and 16, ``S`` in ``--ladder-seqs``.
+
+Without the CLI: ``python -m trimformer.bench.encoder --part ... --out DIR``.
 
 Rows go to ``benchmarks/results/<device>/encoder.csv``; ``encoder.md`` and PNG plots are rendered from this run.
 """
@@ -30,7 +34,7 @@ import statistics
 import time
 from types import SimpleNamespace
 
-PARTS = ("latency", "attention", "ladder", "gemm", "e2e", "tuner")
+PARTS = ("latency", "attention", "ladder", "gemm", "e2e", "tuner", "profile")
 E2E_DEFAULT = "trimformer fp16,sentence-transformers fp16,sentence-transformers fp32"
 BERT_BASE = dict(hidden=768, heads=12, layers=12, ffn=3072, vocab=30522, positions=1024)
 
@@ -475,6 +479,42 @@ def _part_tuner(args, rec, log, md):
                               "choice"], rows))  # fmt: skip
 
 
+def _part_profile(args, rec, log, md):
+    """Per-kernel GPU time of trimformer's graphed forward (``torch.profiler`` over 10 replays), B = 1 and 16."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trimformer.bench.common import markdown_table
+
+    dtype = getattr(torch, args.dtypes.split(",")[0].strip())
+    models = Models(dtype, args.tmp / f"profile-{dtype}")
+    for b in (1, 16):
+        for s in _ints(args.ladder_seqs):
+            p = Point(b, s, args.seed)
+            with torch.inference_mode():
+                for _ in range(3):
+                    models.enc._forward(p.batch)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        models.enc._forward(p.batch)
+                    torch.cuda.synchronize()
+            agg: dict[str, list[float]] = {}
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    a = agg.setdefault(ev.name[:80], [0.0, 0.0])
+                    a[0] += 0.1
+                    a[1] += ev.device_time / 1e4  # us over 10 replays -> ms per forward
+            total = sum(v[1] for v in agg.values())
+            rows = [[name, n, ms, ms / total] for name, (n, ms) in sorted(agg.items(), key=lambda kv: -kv[1][1])]
+            for name, n, ms, _ in rows:
+                rec.add(f"profile-B{b}-S{s}", name, "kernel time", "ms", ms, calls=n, tokens=p.tokens)
+            log(f"profile B={b} S={s}: {total:.3f} ms of kernels, {sum(r[1] for r in rows):.0f} launches")
+            md.append(f"\n## Kernel time per graphed forward, B = {b}, S = {s} ({p.tokens} tokens, {dtype}): "
+                      f"{total:.3f} ms in {sum(r[1] for r in rows):.0f} kernels\n\n")  # fmt: skip
+            md.append(markdown_table(["kernel", "launches", "ms", "share"], rows[:12]))
+
+
 def run(args) -> int:
     import tempfile
     from pathlib import Path
@@ -496,7 +536,7 @@ def run(args) -> int:
 
     md = [f"# encoder\n\n{rec.env_line()}\n\nBERT-base, random weights, lengths uniform in [0.2 S, S].\n"]
     runners = {"latency": _part_latency, "attention": _part_attention, "ladder": _part_ladder, "gemm": _part_gemm,
-               "e2e": _part_e2e, "tuner": _part_tuner}  # fmt: skip
+               "e2e": _part_e2e, "tuner": _part_tuner, "profile": _part_profile}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = Path(tmp)
         for part in parts:
@@ -508,3 +548,12 @@ def run(args) -> int:
             rec.write_text("encoder.md", "".join(md))
     print("".join(md))
     return 0
+
+
+if __name__ == "__main__":  # ``python -m trimformer.bench.encoder --out DIR ...`` (no CLI: the box lacks fastapi)
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="python -m trimformer.bench.encoder")
+    add_arguments(_parser)
+    _parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results/<device>/)")
+    sys.exit(run(_parser.parse_args()))

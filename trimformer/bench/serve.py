@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--st-repeats", type=int, default=2, help="timed offline runs per provider (default 2)")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline baselines")
     parser.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for the server")
+    parser.add_argument("--server-log", default=None, help="file for the server's output (default: a temp file)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -276,9 +277,9 @@ def run(args) -> int:
         rec.add("offline", provider, "texts_per_s", "texts/s", [len(texts) / s for s in secs], **params)
         rec.add("offline", provider, "tokens_per_s", "tokens/s", [n_tokens / s for s in secs], **params)
 
-    log_path = Path(tempfile.mkdtemp(prefix="trimformer-bench-serve-")) / "server.log"
+    log_path = Path(args.server_log or Path(tempfile.mkdtemp(prefix="trimformer-bench-serve-")) / "server.log")
     proc, url = _start_server(args, path, device, dtype, log_path)
-    points = []
+    points, failure = [], None
     try:
         min_cos = _check_server(url, texts[:256], path, device)
         for tpr in per_request:
@@ -301,16 +302,22 @@ def run(args) -> int:
                 rec.add(case, "trimformer-serve", "latency_p99_ms", "ms", p99, **params)
                 points.append((tpr, c, n_texts / wall, n_tok / wall, _percentile(lat, 0.5) * 1e3, p99, len(lat)))
                 print(f"texts/request {tpr}, concurrency {c}: {n_texts / wall:,.0f} texts/s, p99 {p99:.1f} ms")
+    except (ValueError, OSError, asyncio.IncompleteReadError) as exc:
+        failure = exc  # keep the points measured so far: they are written below, then the error is raised
     finally:
         rc = _stop_server(proc)
-    if rc != 0:
-        raise ValueError(f"the server exited with {rc} after SIGTERM (log: {log_path})")
+    if rc != 0 and failure is None:
+        failure = ValueError(f"the server exited with {rc} after SIGTERM (log: {log_path})")
     rec.write_csv()
     md, summary = _render(rec, points, offline, len(texts), n_tokens, common, dtype, args)
+    if failure is not None:
+        md += f"\n**Run incomplete**: {type(failure).__name__}: {failure}\n"
     rec.write_text(f"{SUITE}.md", md)
     _plot(rec.out_dir / f"{SUITE}.png", points, offline, len(texts), model_name, dtype, rec.env_line())
     print(summary)
     print(f"results: {rec.csv_path} (+ {SUITE}.md, {SUITE}.png)")
+    if failure is not None:
+        raise ValueError(f"bench serve stopped early: {failure} (server log: {log_path})") from failure
     return 0
 
 

@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for the server")
     parser.add_argument("--server-log", default=None, help="file for the server's output (default: a temp file)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--replot", action="store_true", help="only re-render serve.png from the last run's rows")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -240,6 +241,12 @@ def _percentile(values: list[float], q: float) -> float:
 def run(args) -> int:
     import torch
 
+    if args.replot:
+        from trimformer.bench.common import Recorder
+
+        print(f"re-rendered {replot(Recorder.for_suite(SUITE, args.out).out_dir)}")
+        return 0
+
     from trimformer.bench.common import Recorder
     from trimformer.bench.embed_cpu import make_texts
     from trimformer.engine.encoder import default_model_path
@@ -313,7 +320,8 @@ def run(args) -> int:
     if failure is not None:
         md += f"\n**Run incomplete**: {type(failure).__name__}: {failure}\n"
     rec.write_text(f"{SUITE}.md", md)
-    _plot(rec.out_dir / f"{SUITE}.png", points, offline, len(texts), model_name, dtype, rec.env_line())
+    rates = _offline_rates(offline, len(texts))
+    _plot(rec.out_dir / f"{SUITE}.png", points, rates, model_name, dtype, rec.env_line())
     print(summary)
     print(f"results: {rec.csv_path} (+ {SUITE}.md, {SUITE}.png)")
     if failure is not None:
@@ -398,30 +406,69 @@ def _render(rec, points, offline, n_texts, n_tokens, common, dtype, args) -> tup
     return "\n".join(lines), "\n".join(summary)
 
 
-def _plot(path, points, offline, n_texts, model_name, dtype, env) -> None:
+def _offline_rates(offline: dict, n_texts: int) -> dict[str, float]:
+    """``{legend label: median texts/s}`` of the offline providers."""
+    from trimformer.bench.common import quantiles
+
+    out = {}
+    for (provider, dt, bs), secs in offline.items():
+        label = f"{provider} {dt}" + (f", batch {bs}" if provider == "sentence-transformers" else "")
+        out[label] = n_texts / quantiles(secs)[1]
+    return out
+
+
+def _plot(path, points, rates: dict[str, float], model_name: str, dtype: str, env: str) -> None:
+    """Server texts/s against clients (one line per texts-per-request), offline rates as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trimformer.bench.common import quantiles
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for tpr in sorted({p[0] for p in points}):
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=120)
+    for i, tpr in enumerate(sorted({p[0] for p in points})):
         xs = [p[1] for p in points if p[0] == tpr]
         ys = [p[2] for p in points if p[0] == tpr]
-        ax.plot(xs, ys, marker="o", label=f"trimformer serve, {tpr} text(s)/request")
-    for (provider, dt, bs), secs in offline.items():
-        rate = n_texts / quantiles(secs)[1]
-        label = f"{provider} offline {dt}" + (f" batch {bs}" if provider == "sentence-transformers" else "")
-        ax.axhline(rate, linestyle="--", linewidth=1, label=label, color=None)
+        ax.plot(xs, ys, marker="o", color=f"C{i}", label=f"trimformer serve, {tpr} text(s)/request")
+    styles = ("--", ":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1)))
+    for j, (label, rate) in enumerate(rates.items()):
+        style = styles[j % len(styles)]
+        ax.axhline(rate, linestyle=style, linewidth=1.2, color=f"C{5 + j}", label=f"{label} (offline)")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("texts/s")
     ax.set_title(f"Embedding server throughput, {model_name}, {dtype}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.text(0.01, 0.005, env, fontsize=5)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def replot(out_dir: Path) -> Path:
+    """Re-render ``serve.png`` from the last run recorded in ``<out_dir>/serve.csv`` (no measurement)."""
+    from trimformer.bench.common import read_rows
+
+    rows = read_rows(out_dir / f"{SUITE}.csv")
+    if not rows:
+        raise ValueError(f"{out_dir / (SUITE + '.csv')} has no rows")
+    run_id = rows[-1]["run_id"]
+    rows = [r for r in rows if r["run_id"] == run_id]
+    points, rates = [], {}
+    for r in rows:
+        p = r["params"]
+        if r["case"] == "offline" and r["metric"] == "texts_per_s":
+            bs = f", batch {p['batch_size']}" if r["provider"] == "sentence-transformers" else ""
+            rates[f"{r['provider']} {p['dtype']}{bs}"] = r["p50"]
+        elif r["provider"] == "trimformer-serve" and r["metric"] == "texts_per_s":
+            points.append((p["texts_per_request"], p["concurrency"], r["p50"]))
+    first = rows[0]
+    env = (
+        f"device {first['device']}; torch {first['torch']}, triton {first['triton']}, transformers "
+        f"{first['transformers']}, CUDA {first['cuda'] or '-'}; git {first['git_sha']}; run {run_id}"
+    )
+    dtype = next(r["params"]["dtype"] for r in rows if r["provider"] == "trimformer-serve")
+    path = out_dir / f"{SUITE}.png"
+    _plot(path, sorted(points), rates, first["params"]["model"], dtype, env)
+    return path

@@ -114,6 +114,19 @@ def test_too_many_inputs_413(_tiny_server):
     assert httpx.post(_tiny_server + "/embed", json={"inputs": ["a", "b", "c", "d"]}).status_code == 200
 
 
+def test_body_over_the_payload_limit_413(tiny):
+    with running(tiny, payload_limit=1000) as (url, _):
+        r = httpx.post(url + "/embed", json={"inputs": ["x" * 600, "y" * 600]})
+        assert r.status_code == 413 and r.json()["error_type"] == "payload_too_large"
+        assert "over the server's limit of 1000 (--payload-limit)" in r.json()["error"]
+        r = httpx.post(url + "/v1/embeddings", json={"input": "z" * 2000})
+        assert r.status_code == 413 and "1000" in r.json()["error"]["message"]
+        chunks = (part for part in [b'{"inputs": ["', b"w" * 700, b'", "', b"v" * 700, b'"]}'])  # no Content-Length
+        r = httpx.post(url + "/embed", content=chunks)
+        assert r.status_code == 413 and "over the server's limit of 1000" in r.json()["error"]
+        assert httpx.post(url + "/embed", json={"inputs": "small"}).status_code == 200
+
+
 def test_unknown_path_and_method(_tiny_server):
     assert httpx.get(_tiny_server + "/nope").status_code == 404
     assert httpx.get(_tiny_server + "/embed").status_code == 405

@@ -138,6 +138,7 @@ def _start_server(args, path: str, device: str, dtype: str, log_path: Path) -> t
     cmd = [sys.executable, "-m", "trimformer", "serve", "--model", path, "--device", device, "--dtype", dtype]
     cmd += ["--port", str(port), "--max-batch-tokens", str(args.max_batch_tokens), "--truncate"]
     cmd += ["--max-concurrent-requests", "100000", "--max-client-batch-size", "100000", "--log-level", "warning"]
+    cmd += ["--payload-limit", str(2**30)]
     if args.tokenization_workers:
         cmd += ["--tokenization-workers", str(args.tokenization_workers)]
     env = dict(os.environ)

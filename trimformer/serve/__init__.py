@@ -8,9 +8,10 @@ Endpoints
 ``POST /v1/embeddings`` (OpenAI): ``{"input": str | [str] | [int] | [[int]], "model": str?,
 "encoding_format": "float" | "base64", "dimensions": int?}`` -> ``{"object": "list", "data": [{"object":
 "embedding", "index": i, "embedding": [...] | "<base64 float32>"}], "model": ..., "usage": {"prompt_tokens": n,
-"total_tokens": n}}``. Rows are L2-normalised exactly when the model's sentence-transformers config has a Normalize
-module (what ``Encoder.embed`` does by default); ``dimensions`` other than the model's width is refused (400);
-over-long inputs follow the server's ``--truncate`` / ``--no-truncate``.
+"total_tokens": n}}``. An empty string is embedded as the model's special tokens alone (as ``Encoder.embed``).
+Rows are L2-normalised exactly when the model's sentence-transformers config has a Normalize module (what
+``Encoder.embed`` does by default); ``dimensions`` other than the model's width is refused (400); over-long inputs
+follow the server's ``--truncate`` / ``--no-truncate``; ``model`` may be any name (the served model answers).
 
 ``POST /embed`` (TEI): ``{"inputs": same forms, "normalize": bool = true, "truncate": bool?}`` -> ``[[...], ...]``.
 As in TEI, ``normalize`` defaults to true whatever the model's config says; ``false`` gives the raw pooled vectors.
@@ -29,11 +30,11 @@ scores are softmax probabilities (sigmoid for one label or ``problem_type`` mult
 Failures
 --------
 401 without ``Authorization: Bearer <key>`` when started with ``--api-key``; 422 for malformed JSON, wrong types
-or an empty input list (the message names the field and what was wrong); 413 for more inputs than
-``--max-client-batch-size`` or an input over the model's length without truncation; 429 with ``Retry-After`` at
-``--max-concurrent-requests``; 503 while draining after SIGTERM; 500 when the model call holding the request
-failed (its batchmates are re-run alone, so they are unaffected). Errors under ``/v1/`` have OpenAI's shape
-(``{"error": {"message", "type", "code"}}``), the others TEI's (``{"error", "error_type"}``).
+or an empty input list (the message names the field and what was wrong); 413 for a body over ``--payload-limit``
+bytes, more inputs than ``--max-client-batch-size`` or an input over the model's length without truncation; 429
+with ``Retry-After`` at ``--max-concurrent-requests``; 503 while draining after SIGTERM; 500 when the model call
+holding the request failed (its batchmates are re-run alone, so they are unaffected). Errors under ``/v1/`` have
+OpenAI's shape (``{"error": {"message", "type", "code"}}``), the others TEI's (``{"error", "error_type"}``).
 """
 
 from __future__ import annotations

@@ -225,7 +225,13 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
         yield
         await asyncio.get_running_loop().run_in_executor(None, state.close, config.shutdown_timeout)
 
-    app = FastAPI(title="trimformer", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="trimformer",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
     app.state.server = state
 
     @app.exception_handler(ServeError)
@@ -424,8 +430,15 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> FastAP
     return app
 
 
+class _BodyTooLarge(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(f"request body over {size} bytes")
+        self.size = size
+
+
 class _GateMiddleware:
-    """Pure ASGI middleware: bearer-token check (all paths but ``/health``) and per-request metrics."""
+    """Pure ASGI middleware: bearer-token check (all paths but ``/health``), declared body size and per-request
+    metrics."""
 
     def __init__(self, app, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -439,6 +452,17 @@ class _GateMiddleware:
                 return scheme.lower() == b"bearer" and hmac.compare_digest(b"Bearer " + token.strip(), self._expected)
         return False
 
+    def _too_large(self, scope) -> int | None:
+        """The declared body size when it is over ``payload_limit``, else ``None``."""
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    size = int(value)
+                except ValueError:
+                    return None
+                return size if size > self.state.config.payload_limit else None
+        return None
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -446,11 +470,11 @@ class _GateMiddleware:
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
         start = time.perf_counter()
-        status = [500]
+        status, started = [500], [False]
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
             await send(message)
 
         try:
@@ -462,6 +486,29 @@ class _GateMiddleware:
                 )  # fmt: skip
                 await resp(scope, receive, send_status)
                 return
-            await self.app(scope, receive, send_status)
+            limit = self.state.config.payload_limit
+            size = self._too_large(scope)
+            if size is None:
+                received = 0
+
+                async def counted_receive():  # bodies sent without Content-Length (chunked) are counted as they come
+                    nonlocal received
+                    message = await receive()
+                    if message["type"] == "http.request":
+                        received += len(message.get("body", b""))
+                        if received > limit:
+                            raise _BodyTooLarge(received)
+                    return message
+
+                try:
+                    await self.app(scope, counted_receive, send_status)
+                    return
+                except _BodyTooLarge as exc:
+                    if started[0]:
+                        raise
+                    size = exc.size
+            self.state.metrics.reject("payload_too_large")
+            message = f"request body of {size} bytes or more is over the server's limit of {limit} (--payload-limit)"
+            await error_response(path, 413, message, "payload_too_large")(scope, receive, send_status)
         finally:
             self.state.metrics.request(endpoint, status[0], time.perf_counter() - start)

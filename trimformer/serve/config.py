@@ -27,6 +27,7 @@ class ServerConfig:
         max_batch_tokens: token budget of one model batch (valid tokens; no padding).
         max_concurrent_requests: requests admitted at once; one more gets 429 with ``Retry-After``.
         max_client_batch_size: most inputs in one request; more gets 413.
+        payload_limit: most bytes in one request body; more gets 413 (TEI's default, 2 MB).
         truncate: default for over-long inputs: cut them to the model's limit (True) or answer 413 (False).
         api_key: when set, every endpoint but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
         model_id: the name reported in responses and ``/info`` (default: the folder name).
@@ -46,6 +47,7 @@ class ServerConfig:
     max_batch_tokens: int = 16384
     max_concurrent_requests: int = 512
     max_client_batch_size: int = 256
+    payload_limit: int = 2_000_000
     truncate: bool = False
     api_key: str | None = None
     model_id: str | None = None
@@ -57,7 +59,8 @@ class ServerConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "retry_after"):
+        positive = ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "payload_limit")
+        for name in (*positive, "retry_after"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -85,6 +88,7 @@ class ServerConfig:
             max_batch_tokens=args.max_batch_tokens,
             max_concurrent_requests=args.max_concurrent_requests,
             max_client_batch_size=args.max_client_batch_size,
+            payload_limit=args.payload_limit,
             truncate=args.truncate,
             api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None,
             model_id=args.model_id,
@@ -138,6 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-client-batch-size", type=_positive_int, default=256, metavar="N", help="inputs per request (256)"
+    )
+    parser.add_argument(
+        "--payload-limit", type=_positive_int, default=2_000_000, metavar="BYTES", help="request body size (2 MB)"
     )
     trunc = parser.add_mutually_exclusive_group()
     trunc.add_argument(

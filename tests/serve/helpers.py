@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def running(model: ServedModel, **config):
-    """Serve ``model`` with uvicorn in a thread on a free loopback port; yields ``(base_url, state)``."""
+def running(model: ServedModel, *, with_server: bool = False, **config):
+    """Serve ``model`` with uvicorn in a thread on a free loopback port; yields ``(base_url, state)`` (plus the
+    :class:`~trimformer.serve.server.DrainingServer` and its thread with ``with_server=True``)."""
     config.setdefault("tokenization_workers", 2)
     cfg = ServerConfig(host="127.0.0.1", port=0, log_level="warning", **config)
     server = build_server(model, cfg)
@@ -38,7 +39,8 @@ def running(model: ServedModel, **config):
             raise RuntimeError("the in-process server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", server.state
+        url = f"http://127.0.0.1:{port}"
+        yield (url, server.state, server, thread) if with_server else (url, server.state)
     finally:
         server.should_exit = True
         thread.join(60)

@@ -231,3 +231,37 @@ def test_api_key(tiny):
         )
         assert len(resp.data[0].embedding) == 32
         assert json.loads(httpx.get(url + "/info", headers={"Authorization": "Bearer sekret"}).text)["auth"] is True
+
+
+def test_drain_finishes_accepted_requests_then_stops(tiny, patched):
+    with running(tiny, with_server=True) as (url, state, server, thread), ThreadPoolExecutor(2) as pool:
+        accepted = pool.submit(httpx.post, url + "/embed", json={"inputs": _ids(GATE)}, timeout=60)
+        assert patched.entered.wait(30)
+        server.begin_drain()  # what SIGTERM does (the subprocess test sends the real signal)
+        late = httpx.post(url + "/embed", json={"inputs": "late"})
+        assert late.status_code == 503 and late.headers["retry-after"] == "1"
+        assert httpx.get(url + "/health").status_code == 503
+        time.sleep(0.3)
+        assert thread.is_alive()  # still waiting for the accepted request
+        patched.release()
+        assert accepted.result().status_code == 200
+        thread.join(30)
+        assert not thread.is_alive() and not server.force_exit
+
+
+def test_drain_gives_up_after_the_shutdown_timeout(tiny, patched):
+    with running(tiny, with_server=True, shutdown_timeout=0.5) as (url, state, server, thread):
+        with ThreadPoolExecutor(1) as pool:
+            stuck = pool.submit(httpx.post, url + "/embed", json={"inputs": _ids(GATE)}, timeout=60)
+            assert patched.entered.wait(30)
+            t0 = time.monotonic()
+            server.begin_drain()
+            thread.join(30)
+            assert not thread.is_alive() and server.force_exit
+            assert 0.4 < time.monotonic() - t0 < 10
+            patched.release()
+            try:  # dropped: the connection closes, or the cancelled handler's 500 gets out first
+                status = stuck.result().status_code
+            except httpx.HTTPError:
+                status = None
+            assert status in (None, 500)

@@ -51,7 +51,7 @@ class DrainingServer(uvicorn.Server):
                 self.should_exit = True
             elif time.monotonic() > self._drain_deadline:
                 logger.warning("shutdown timeout: %d request(s) still in flight are dropped", self.state.in_flight)
-                self.should_exit = True
+                self.should_exit = self.force_exit = True  # uvicorn would otherwise wait for their connections
         return await super().on_tick(counter)
 
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -81,8 +82,6 @@ class ServerState:
         n = self.config.tokenization_workers
         self.model.load_tokenizer()
         self.executor = ThreadPoolExecutor(n, thread_name_prefix="trimformer-tokenize")
-        import threading
-
         barrier = threading.Barrier(n)
 
         def warm() -> None:  # one task per thread: the barrier keeps a thread from taking two

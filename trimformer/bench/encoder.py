@@ -40,6 +40,9 @@ BERT_BASE = dict(hidden=768, heads=12, layers=12, ffn=3072, vocab=30522, positio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", default="bert",
+                        help="bert (default: the parts below), deberta-v2, modernbert or a comma list of the last two "
+                             "(base-size models vs HF eager/sdpa; see trimformer.bench.encoder_families)")  # fmt: skip
     parser.add_argument("--part", default="all", help=f"comma list of {', '.join(PARTS)}, or all")
     parser.add_argument("--batches", default="1,2,4,8,16,32,64", help="batch sizes B")
     parser.add_argument("--seqs", default="64,128,256,384,512,768,1024", help="max sequence lengths S")
@@ -523,6 +526,8 @@ def run(args) -> int:
 
     from trimformer.bench.common import Recorder
 
+    if args.family != "bert":
+        return _run_families(args)
     if not torch.cuda.is_available():
         raise ValueError("the encoder suite needs a CUDA GPU")
     parts = list(PARTS) if args.part == "all" else [p.strip() for p in args.part.split(",") if p.strip()]
@@ -548,6 +553,33 @@ def run(args) -> int:
             rec.write_text("encoder.md", "".join(md))
     print("".join(md))
     return 0
+
+
+def _run_families(args) -> int:
+    """``--family deberta-v2|modernbert``: hand the run to :mod:`trimformer.bench.encoder_families` with its own
+    defaults, overridden by the options given here where they differ from this suite's defaults."""
+    from trimformer.bench import encoder_families as fam
+
+    families = [f.strip() for f in args.family.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(fam.FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown --family {unknown}; expected bert or a comma list of {', '.join(fam.FAMILIES)}")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    ours = parser.parse_args([])
+    sub = argparse.ArgumentParser()
+    fam.add_arguments(sub)
+    fargs = sub.parse_args([])
+    fargs.family, fargs.out = ",".join(families), args.out
+    for name in ("batches", "seqs", "seed", "small_batch_seeds", "iters"):
+        if getattr(args, name) != getattr(ours, name):
+            setattr(fargs, name, getattr(args, name))
+    if args.dtypes != ours.dtypes:
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        if len(dtypes) != 1:
+            raise ValueError(f"--family {args.family} runs one dtype; got --dtypes {args.dtypes}")
+        fargs.dtype = dtypes[0]
+    return fam.run(fargs)
 
 
 if __name__ == "__main__":  # ``python -m trimformer.bench.encoder --out DIR ...`` (no CLI: the box lacks fastapi)

@@ -141,10 +141,13 @@ class GraphedEncoder:
         model: an encoder with ``encode(input_ids, position_ids, token_type_ids, cu_seqlens, max_seqlen)`` and a
             ``config.position_offset`` (e.g. :class:`~trimformer.models.encoders.EncoderModel`), on a CUDA device.
         max_tokens: largest token bucket captured; bigger batches are not :meth:`eligible`.
-        max_graphs: captured graphs kept (least recently used ones are dropped); they share one memory pool.
+        max_graphs: captured graphs kept (least recently used ones are dropped); they share one memory pool, so
+            each kept graph costs only its static inputs and its ``[tokens, hidden]`` output. Serving traffic of
+            small mixed batches touches 50-150 keys (token bucket x sequence slots x max-length bucket); a cache
+            smaller than that re-captures on most batches.
     """
 
-    def __init__(self, model, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_graphs: int = 32) -> None:
+    def __init__(self, model, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_graphs: int = 256) -> None:
         if max_tokens <= 0 or max_graphs <= 0:
             raise ValueError(f"max_tokens and max_graphs must be positive, got {max_tokens}, {max_graphs}")
         self.model = model

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimformer.layers.deberta import DebertaLayer, PackedConv
+from trimformer.models.encoders.model import PackedEncoder
 from trimformer.ops.activation import canonical_activation
 from trimformer.ops.norm import add_layer_norm
-from trimformer.ops.varlen import PackedBatch, pad
 
 _DEFAULTS = {
     "vocab_size": 128100,
@@ -208,7 +208,7 @@ class DebertaV2Embeddings(nn.Module):
         return add_layer_norm(x, None, self.norm.weight, self.norm.bias, eps=self.eps, impl=self.impl)
 
 
-class DebertaV2Model(nn.Module):
+class DebertaV2Model(PackedEncoder):
     """Padding-free DeBERTa-v2/v3 encoder with the forward interface of
     :class:`~trimformer.models.encoders.EncoderModel` (``forward_packed``, padded ``forward``, ``set_impl``).
 
@@ -286,16 +286,6 @@ class DebertaV2Model(nn.Module):
         self._proj_cache = None if key is None or torch.is_grad_enabled() else (key, projections)
         return projections
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """Encode a packed batch (``position_ids`` local, offset 0) -> ``[T, H]`` last hidden states."""
-        if batch.max_seqlen > self.config.max_length:
-            raise ValueError(
-                f"a sequence has {batch.max_seqlen} tokens but this {self.config.model_type} model takes at most "
-                f"{self.config.max_length} (max_position_embeddings {self.config.max_position_embeddings})"
-            )
-        b = batch.to(self.embeddings.word.weight.device)
-        return self.encode(b.input_ids, b.position_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)
-
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -322,13 +312,6 @@ class DebertaV2Model(nn.Module):
             if i == 0 and self.conv is not None:
                 h = self.conv(x, h, position_ids)
         return h
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Padded ``[B, S]`` in (right or left padding), ``[B, S, H]`` out with zeros at padding."""
-        batch = PackedBatch.from_padded(input_ids, attention_mask, token_type_ids)
-        return pad(self.forward_packed(batch), batch)
 
 
 def _weights_key(model: nn.Module) -> tuple | None:

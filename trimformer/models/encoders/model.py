@@ -11,7 +11,56 @@ from trimformer.models.encoders.embeddings import EncoderEmbeddings
 from trimformer.ops.varlen import PackedBatch, pad
 
 
-class EncoderModel(nn.Module):
+class PackedEncoder(nn.Module):
+    """Shared entry points of the padding-free encoders: subclasses set ``config`` (with ``max_length``,
+    ``max_position_embeddings``, ``model_type``, ``position_offset``) and ``embeddings.word`` and implement
+    :meth:`encode` on raw packed tensors."""
+
+    config: object
+
+    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
+        """Encode a packed batch.
+
+        Args:
+            batch: packed ids and metadata (moved to the model's device if needed; its ``position_ids`` must carry
+                ``config.position_offset``).
+
+        Returns:
+            ``[T, H]`` last hidden states of the valid tokens, in the model's dtype.
+        """
+        cfg = self.config
+        if batch.max_seqlen > cfg.max_length:
+            raise ValueError(
+                f"a sequence has {batch.max_seqlen} tokens but this {cfg.model_type} model takes at most "
+                f"{cfg.max_length} (max_position_embeddings {cfg.max_position_embeddings})"
+            )
+        b = batch.to(self.embeddings.word.weight.device)
+        return self.encode(b.input_ids, b.position_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Padded in, padded out (a drop-in for HF's ``last_hidden_state``), packed in between.
+
+        Args:
+            input_ids: ``[B, S]`` token ids.
+            attention_mask: ``[B, S]`` 0/1, right or left padding.
+            token_type_ids: optional ``[B, S]``.
+
+        Returns:
+            ``[B, S, H]`` with zeros at padding. Positions restart at each sequence's first valid token, so a
+            left-padded sequence gives the same result as alone.
+        """
+        batch = PackedBatch.from_padded(
+            input_ids, attention_mask, token_type_ids, position_offset=self.config.position_offset
+        )
+        return pad(self.forward_packed(batch), batch)
+
+
+class EncoderModel(PackedEncoder):
     """A BERT-family encoder (BERT, RoBERTa, XLM-R, DistilBERT, ALBERT) that never computes on padding.
 
     Parameters live in ``embeddings`` (:class:`EncoderEmbeddings`) and ``layers`` (``config.num_unique_layers``
@@ -56,24 +105,6 @@ class EncoderModel(nn.Module):
         for layer in self.layers:
             layer.impl = impl
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """Encode a packed batch.
-
-        Args:
-            batch: packed ids and metadata (moved to the model's device if needed; its ``position_ids`` must carry
-                ``config.position_offset``).
-
-        Returns:
-            ``[T, H]`` last hidden states of the valid tokens, in the model's dtype.
-        """
-        if batch.max_seqlen > self.config.max_length:
-            raise ValueError(
-                f"a sequence has {batch.max_seqlen} tokens but this {self.config.model_type} model takes at most "
-                f"{self.config.max_length} (max_position_embeddings {self.config.max_position_embeddings})"
-            )
-        b = batch.to(self.embeddings.word.weight.device)
-        return self.encode(b.input_ids, b.position_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)
-
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -95,25 +126,3 @@ class EncoderModel(nn.Module):
         for index in self.schedule:
             h = self.layers[index](h, cu_seqlens, max_seqlen)
         return h
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Padded in, padded out (a drop-in for HF's ``last_hidden_state``), packed in between.
-
-        Args:
-            input_ids: ``[B, S]`` token ids.
-            attention_mask: ``[B, S]`` 0/1, right or left padding.
-            token_type_ids: optional ``[B, S]``.
-
-        Returns:
-            ``[B, S, H]`` with zeros at padding. Positions restart at each sequence's first valid token, so a
-            left-padded sequence gives the same result as alone.
-        """
-        batch = PackedBatch.from_padded(
-            input_ids, attention_mask, token_type_ids, position_offset=self.config.position_offset
-        )
-        return pad(self.forward_packed(batch), batch)

@@ -18,10 +18,10 @@ from torch import nn
 
 from trimformer.layers.modernbert import ModernBertLayer
 from trimformer.models.encoders.deberta_v2 import KeyMap, strict_remap
+from trimformer.models.encoders.model import PackedEncoder
 from trimformer.ops.activation import canonical_activation
 from trimformer.ops.norm import add_layer_norm
 from trimformer.ops.rope import rotary_cos_sin
-from trimformer.ops.varlen import PackedBatch, pad
 
 _DEFAULTS = {
     "vocab_size": 50368,
@@ -166,7 +166,7 @@ class ModernBertEmbeddings(nn.Module):
         return add_layer_norm(x, None, self.norm.weight, self.norm.bias, eps=self.eps, impl=self.impl)
 
 
-class ModernBertModel(nn.Module):
+class ModernBertModel(PackedEncoder):
     """Padding-free ModernBERT with the forward interface of :class:`~trimformer.models.encoders.EncoderModel`.
 
     Parameters: ``embeddings``, ``layers`` (:class:`~trimformer.layers.modernbert.ModernBertLayer`),
@@ -205,17 +205,6 @@ class ModernBertModel(nn.Module):
             if hasattr(module, "impl") and module is not self:
                 module.impl = impl
 
-    def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
-        """Encode a packed batch (``position_ids`` local, offset 0) -> ``[T, H]`` last hidden states."""
-        cfg = self.config
-        if batch.max_seqlen > cfg.max_length:
-            raise ValueError(
-                f"a sequence has {batch.max_seqlen} tokens but this {cfg.model_type} model takes at most "
-                f"{cfg.max_length} (max_position_embeddings {cfg.max_position_embeddings})"
-            )
-        batch = batch.to(self.embeddings.word.weight.device)
-        return self.encode(batch.input_ids, batch.position_ids, None, batch.cu_seqlens, batch.max_seqlen)
-
     def encode(
         self,
         input_ids: torch.Tensor,
@@ -252,8 +241,7 @@ class ModernBertModel(nn.Module):
         ``token_type_ids`` is accepted for interface parity and must be ``None`` or all zeros (no segments)."""
         if token_type_ids is not None and bool((token_type_ids != 0).any()):
             raise ValueError("modernbert has no token types; pass token_type_ids=None")
-        batch = PackedBatch.from_padded(input_ids, attention_mask)
-        return pad(self.forward_packed(batch), batch)
+        return super().forward(input_ids, attention_mask)
 
 
 def hf_key_map(model: ModernBertModel) -> KeyMap:

@@ -22,6 +22,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests, also outside xdist (in-process references next to subprocesses or
+    servers on a 2-core machine); restores the previous count. Use with ``pytest.mark.usefixtures``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA; none is visible to torch on this machine")
     no_interp = pytest.mark.skip(

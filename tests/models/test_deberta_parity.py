@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.models.parity import hf_alone, padded, random_sequences, save_random_models
 from trimformer import Encoder
 from trimformer.models.encoders import read_state_dict
 
@@ -22,12 +23,7 @@ LENS = [1, 2, 17, 64, 129, 300]
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _configs():
@@ -59,27 +55,14 @@ def _configs():
     }  # fmt: skip
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("LayerNorm.weight") else 0.15 * noise)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from transformers import AutoModel
+    folder = lambda n: tmp_path_factory.mktemp(f"deberta-{n}")  # noqa: E731
+    return save_random_models(_configs(), folder, norm_names=("LayerNorm.weight",))
 
-    out = {}
-    for name, cfg in _configs().items():
-        cfg._attn_implementation = "eager"
-        hf = AutoModel.from_config(cfg).eval()
-        _randomize(hf)
-        folder = tmp_path_factory.mktemp(f"deberta-{name}")
-        hf.save_pretrained(folder)
-        out[name] = (folder, hf)
-    return out
+
+def _sequences(seed=0, lens=LENS):
+    return random_sequences(VOCAB, lens, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -87,32 +70,9 @@ def encoders(saved):
     return {n: Encoder.from_pretrained(folder, device="cpu", dtype=torch.float32) for n, (folder, _) in saved.items()}
 
 
-def _sequences(seed=0, lens=LENS):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lens]
-
-
-def _hf_alone(hf, seqs, types=None):
-    with torch.no_grad():
-        return [
-            hf(input_ids=x[None], **({} if types is None else {"token_type_ids": types[i][None]})).last_hidden_state[0]
-            for i, x in enumerate(seqs)
-        ]
-
-
-def _padded(seqs, side, fill=0):
-    s = max(len(x) for x in seqs) + 3
-    ids = torch.full((len(seqs), s), fill, dtype=torch.long)
-    mask = torch.zeros(len(seqs), s, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        sl = slice(0, len(x)) if side == "right" else slice(s - len(x), s)
-        ids[i, sl], mask[i, sl] = x, 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("name", ["v3", "v2", "c2p"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_call_matches_hf_alone(saved, encoders, name, side):
+def test_padded_call_matcheshf_alone(saved, encoders, name, side):
     _, hf = saved[name]
     enc = encoders[name]
     assert enc.model_type == "deberta-v2"
@@ -121,9 +81,9 @@ def test_padded_call_matches_hf_alone(saved, encoders, name, side):
     if enc.config.type_vocab_size > 1:
         g = torch.Generator().manual_seed(3)
         types = [torch.randint(0, 2, (len(x),), generator=g) for x in seqs]
-    truth = _hf_alone(hf, seqs, types)
-    ids, mask = _padded(seqs, side)
-    out = enc(ids, mask, None if types is None else _padded(types, side)[0])
+    truth = hf_alone(hf, seqs, types)
+    ids, mask = padded(seqs, side)
+    out = enc(ids, mask, None if types is None else padded(types, side)[0])
     for i, x in enumerate(seqs):
         valid = mask[i].bool()
         err = (out[i][valid] - truth[i]).abs().max().item()
@@ -136,7 +96,7 @@ def test_buckets_and_conv_really_matter(saved, encoders):
     the output."""
     _, hf = saved["v3"]
     seqs = _sequences(seed=1, lens=[200])
-    truth = _hf_alone(hf, seqs)[0]
+    truth = hf_alone(hf, seqs)[0]
     enc = encoders["v3"]
     unbucketed = type(enc.model)(
         enc.config.__class__(**{**enc.config.__dict__, "position_buckets": -1, "max_relative_positions": 32})
@@ -162,7 +122,7 @@ def test_triton_kernel_in_the_model_matches_hf(saved):
     enc = Encoder.from_pretrained(folder, device="cpu", dtype=torch.float32, impl="triton")
     seqs = _sequences(seed=4, lens=[1, 17, 40])
     out = enc.forward_packed(enc.pack([x.tolist() for x in seqs]))
-    torch.testing.assert_close(out, torch.cat(_hf_alone(hf, seqs)), rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, torch.cat(hf_alone(hf, seqs)), rtol=0, atol=1e-4)
 
 
 def test_task_head_checkpoint_loads_and_strict_errors(saved, encoders, tmp_path):
@@ -277,10 +237,10 @@ def test_gpu_fp16_within_three_times_hf_fp16(saved, name):
     folder, hf = saved[name]
     enc = Encoder.from_pretrained(folder, device="cuda", dtype=torch.float16)
     seqs = _sequences(seed=8)
-    truth = torch.cat(_hf_alone(hf, seqs))
+    truth = torch.cat(hf_alone(hf, seqs))
     hf16 = type(hf)(hf.config).to("cuda", torch.float16).eval()
     hf16.load_state_dict(hf.state_dict())
-    base = torch.cat(_hf_alone(hf16, [x.cuda() for x in seqs])).float().cpu()
+    base = torch.cat(hf_alone(hf16, [x.cuda() for x in seqs])).float().cpu()
     ours = enc.forward_packed(enc.pack([x.tolist() for x in seqs])).float().cpu()
     err, base_err = (ours - truth).abs().max().item(), (base - truth).abs().max().item()
     assert err <= 3 * base_err + 1e-3, f"{name}: ours {err:.3e} vs HF fp16 {base_err:.3e}"

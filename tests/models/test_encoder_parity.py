@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 
+from tests.models.parity import hf_alone, padded, save_random_models
 from trimformer import Encoder
 from trimformer.models.encoders import SUPPORTED_MODEL_TYPES, read_config, read_state_dict, to_hf_state_dict
 from trimformer.ops.varlen import PackedBatch
@@ -56,32 +57,11 @@ def _configs():
     }  # fmt: skip
 
 
-def _randomize(model):
-    """Every parameter random (LayerNorm scales near 1), so a swapped or dropped tensor cannot go unnoticed."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "LayerNorm.weight" in name or "layer_norm.weight" in name:
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.15 * noise)
-
-
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory):
     """``{model_type: (folder, hf_model)}``: random-weight HF models saved with save_pretrained (safetensors)."""
-    from transformers import AutoModel
-
-    out = {}
-    for model_type, cfg in _configs().items():
-        cfg._attn_implementation = "eager"
-        hf = AutoModel.from_config(cfg).eval()
-        _randomize(hf)
-        folder = tmp_path_factory.mktemp(model_type)
-        hf.save_pretrained(folder)
-        out[model_type] = (folder, hf)
-    return out
+    norms = ("LayerNorm.weight", "layer_norm.weight")
+    return save_random_models(_configs(), tmp_path_factory.mktemp, norm_names=norms)
 
 
 @pytest.fixture(scope="session")
@@ -100,37 +80,18 @@ def _sequences(model_type, seed=0):
     return seqs
 
 
-def _hf_alone(hf, seqs, types=None):
-    outs = []
-    with torch.no_grad():
-        for i, ids in enumerate(seqs):
-            kw = {} if types is None else {"token_type_ids": types[i][None]}
-            outs.append(hf(input_ids=ids[None], **kw).last_hidden_state[0])
-    return outs
-
-
-def _padded(seqs, side, fill):
-    s = max(len(x) for x in seqs) + 3
-    ids = torch.full((len(seqs), s), fill, dtype=torch.long)
-    mask = torch.zeros(len(seqs), s, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        sl = slice(0, len(x)) if side == "right" else slice(s - len(x), s)
-        ids[i, sl], mask[i, sl] = x, 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_call_matches_hf_alone(saved, encoders, model_type, side):
+def test_padded_call_matcheshf_alone(saved, encoders, model_type, side):
     _, hf = saved[model_type]
     enc = encoders[model_type]
     seqs = _sequences(model_type)
     use_types = enc.config.type_vocab_size > 1
     g = torch.Generator().manual_seed(3)
     types = [torch.randint(0, 2, (len(x),), generator=g) for x in seqs] if use_types else None
-    truth = _hf_alone(hf, seqs, types)
-    ids, mask = _padded(seqs, side, fill=0)
-    type_pad = _padded(types, side, fill=0)[0] if use_types else None
+    truth = hf_alone(hf, seqs, types)
+    ids, mask = padded(seqs, side, fill=0)
+    type_pad = padded(types, side, fill=0)[0] if use_types else None
     out = enc(ids, mask, type_pad)
     assert out.shape == (len(seqs), ids.shape[1], enc.hidden_size)
     for i in range(len(seqs)):
@@ -144,10 +105,10 @@ def test_left_padding_really_shifts_hf_positions(saved):
     """Guard for the test above: HF's own left-padded batch differs from the unpadded truth."""
     _, hf = saved["bert"]
     seqs = _sequences("bert")[:3]
-    ids, mask = _padded(seqs, "left", fill=0)
+    ids, mask = padded(seqs, "left", fill=0)
     with torch.no_grad():
         batched = hf(input_ids=ids, attention_mask=mask).last_hidden_state
-    truth = _hf_alone(hf, seqs)
+    truth = hf_alone(hf, seqs)
     assert (batched[2][mask[2].bool()] - truth[2]).abs().max() > 1e-2
 
 
@@ -157,15 +118,15 @@ def test_packed_forward_equals_padded_call(encoders, model_type):
     seqs = _sequences(model_type, seed=5)
     batch = enc.pack([x.tolist() for x in seqs])
     packed = enc.forward_packed(batch)
-    ids, mask = _padded(seqs, "right", fill=0)
-    padded = enc(ids, mask)
-    torch.testing.assert_close(packed, padded[mask.bool()], rtol=0, atol=1e-5)
+    ids, mask = padded(seqs, "right", fill=0)
+    out = enc(ids, mask)
+    torch.testing.assert_close(packed, out[mask.bool()], rtol=0, atol=1e-5)
 
 
 def test_bert_without_token_types_uses_segment_zero(saved, encoders):
     _, hf = saved["bert"]
     seqs = _sequences("bert", seed=9)
-    truth = _hf_alone(hf, seqs)
+    truth = hf_alone(hf, seqs)
     out = encoders["bert"].forward_packed(encoders["bert"].pack([x.tolist() for x in seqs]))
     torch.testing.assert_close(out, torch.cat(truth), rtol=0, atol=1e-4)
 
@@ -261,10 +222,10 @@ def test_low_precision_error_within_budget_of_hf(saved, dtype):
     folder, hf = saved["bert"]
     enc = Encoder.from_pretrained(folder, device="cpu", dtype=dtype)
     seqs = _sequences("bert", seed=4)[:4]
-    truth = torch.cat(_hf_alone(hf, seqs))
+    truth = torch.cat(hf_alone(hf, seqs))
     hf_lo = type(hf)(hf.config).to(dtype).eval()
     hf_lo.load_state_dict(hf.state_dict())
-    base = torch.cat(_hf_alone(hf_lo, seqs)).float()
+    base = torch.cat(hf_alone(hf_lo, seqs)).float()
     ours = enc.forward_packed(enc.pack([x.tolist() for x in seqs])).float()
     err, base_err = (ours - truth).abs().max().item(), (base - truth).abs().max().item()
     assert err <= 3 * base_err + 1e-3, f"{dtype}: ours {err:.3e} vs HF {base_err:.3e}"

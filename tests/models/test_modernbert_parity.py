@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.models.parity import hf_alone, padded, random_sequences, save_random_models
 from trimformer import Encoder
 from trimformer.models.encoders import read_state_dict
 from trimformer.models.encoders.modernbert import parse_config
@@ -23,12 +24,7 @@ LENS = [1, 2, 17, 64, 129, 300]
 WORDS = [f"w{i}" for i in range(VOCAB - 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _configs():
@@ -51,27 +47,14 @@ def _configs():
     }  # fmt: skip
 
 
-def _randomize(model):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.15 * noise)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    from transformers import AutoModel
+    folder = lambda n: tmp_path_factory.mktemp(f"modernbert-{n}")  # noqa: E731
+    return save_random_models(_configs(), folder, norm_names=("norm.weight",))
 
-    out = {}
-    for name, cfg in _configs().items():
-        cfg._attn_implementation = "eager"
-        hf = AutoModel.from_config(cfg).eval()
-        _randomize(hf)
-        folder = tmp_path_factory.mktemp(f"modernbert-{name}")
-        hf.save_pretrained(folder)
-        out[name] = (folder, hf)
-    return out
+
+def _sequences(seed=0, lens=LENS):
+    return random_sequences(VOCAB, lens, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -79,35 +62,15 @@ def encoders(saved):
     return {n: Encoder.from_pretrained(folder, device="cpu", dtype=torch.float32) for n, (folder, _) in saved.items()}
 
 
-def _sequences(seed=0, lens=LENS):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lens]
-
-
-def _hf_alone(hf, seqs):
-    with torch.no_grad():
-        return [hf(input_ids=x[None]).last_hidden_state[0] for x in seqs]
-
-
-def _padded(seqs, side, fill=0):
-    s = max(len(x) for x in seqs) + 3
-    ids = torch.full((len(seqs), s), fill, dtype=torch.long)
-    mask = torch.zeros(len(seqs), s, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        sl = slice(0, len(x)) if side == "right" else slice(s - len(x), s)
-        ids[i, sl], mask[i, sl] = x, 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("name", ["base", "biased"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_call_matches_hf_alone(saved, encoders, name, side):
+def test_padded_call_matcheshf_alone(saved, encoders, name, side):
     _, hf = saved[name]
     enc = encoders[name]
     assert enc.model_type == "modernbert"
     seqs = _sequences()
-    truth = _hf_alone(hf, seqs)
-    ids, mask = _padded(seqs, side)
+    truth = hf_alone(hf, seqs)
+    ids, mask = padded(seqs, side)
     out = enc(ids, mask)
     for i, x in enumerate(seqs):
         valid = mask[i].bool()
@@ -120,7 +83,7 @@ def test_local_window_really_matters(saved, encoders):
     """Guard: the same weights with every layer global differ from HF on a sequence longer than the window."""
     _, hf = saved["base"]
     seqs = _sequences(seed=1, lens=[100])
-    truth = _hf_alone(hf, seqs)[0]
+    truth = hf_alone(hf, seqs)[0]
     model = encoders["base"].model
     assert [layer.window for layer in model.layers] == [None, 8, 8]
     batch = encoders["base"].pack([seqs[0].tolist()])
@@ -141,7 +104,7 @@ def test_triton_kernels_in_the_model_match_hf(saved):
     enc = Encoder.from_pretrained(folder, device="cpu", dtype=torch.float32, impl="triton")
     seqs = _sequences(seed=4, lens=[1, 17, 40])
     out = enc.forward_packed(enc.pack([x.tolist() for x in seqs]))
-    torch.testing.assert_close(out, torch.cat(_hf_alone(hf, seqs)), rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, torch.cat(hf_alone(hf, seqs)), rtol=0, atol=1e-4)
 
 
 def test_legacy_config_layout_parses_like_the_new_one(saved):
@@ -188,7 +151,7 @@ def test_task_head_checkpoint_loads_and_strict_errors(saved, encoders, tmp_path)
 
 
 def test_token_types_rejected(encoders):
-    ids, mask = _padded(_sequences(seed=6, lens=[4]), "right")
+    ids, mask = padded(_sequences(seed=6, lens=[4]), "right")
     with pytest.raises(ValueError, match="no token types"):
         encoders["base"](ids, mask, torch.ones_like(ids))
 
@@ -250,10 +213,10 @@ def test_gpu_fp16_within_three_times_hf_fp16(saved, name):
     folder, hf = saved[name]
     enc = Encoder.from_pretrained(folder, device="cuda", dtype=torch.float16)
     seqs = _sequences(seed=8)
-    truth = torch.cat(_hf_alone(hf, seqs))
+    truth = torch.cat(hf_alone(hf, seqs))
     hf16 = type(hf)(hf.config).to("cuda", torch.float16).eval()
     hf16.load_state_dict(hf.state_dict())
-    base = torch.cat(_hf_alone(hf16, [x.cuda() for x in seqs])).float().cpu()
+    base = torch.cat(hf_alone(hf16, [x.cuda() for x in seqs])).float().cpu()
     ours = enc.forward_packed(enc.pack([x.tolist() for x in seqs])).float().cpu()
     err, base_err = (ours - truth).abs().max().item(), (base - truth).abs().max().item()
     assert err <= 3 * base_err + 1e-3, f"{name}: ours {err:.3e} vs HF fp16 {base_err:.3e}"

@@ -14,12 +14,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
+def _one_torch_thread(one_torch_thread):
     """One intra-op thread: the CI machine has 2 cores shared by the pytest workers and the servers."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _copy_tokenizer(folder: Path) -> None:

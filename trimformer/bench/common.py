@@ -235,8 +235,8 @@ def time_cuda(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 50) ->
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
-def time_cuda_graph(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 50) -> list[float]:
-    """Milliseconds per replay of ``fn`` captured in a CUDA graph (static inputs; outputs overwritten)."""
+def capture_cuda_graph(fn: Callable[[], object], *, warmup: int = 2) -> Callable[[], None]:
+    """Capture ``fn`` (static inputs) in a CUDA graph after ``warmup`` calls on a side stream; returns its replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -246,7 +246,24 @@ def time_cuda_graph(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return time_cuda(graph.replay, warmup=warmup, repeat=repeat)
+    return graph.replay
+
+
+def time_cuda_graph(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 50) -> list[float]:
+    """Milliseconds per replay of ``fn`` captured in a CUDA graph (static inputs; outputs overwritten)."""
+    return time_cuda(capture_cuda_graph(fn, warmup=warmup), warmup=warmup, repeat=repeat)
+
+
+def int_list(text: str) -> list[int]:
+    """``"1,16, 64"`` -> ``[1, 16, 64]`` (empty items skipped)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def bytetransformer_lengths(b: int, s: int, seed: int) -> list[int]:
+    """``b`` sequence lengths, uniform integers in ``[0.2 S, S]`` (ByteTransformer: ``avg = 0.6 S``,
+    ``low = 2 avg - S``), deterministic in ``(b, s, seed)``."""
+    gen = torch.Generator().manual_seed(seed * 100003 + b * 1009 + s)
+    return torch.randint(max(1, round(0.2 * s)), s + 1, (b,), generator=gen).tolist()
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

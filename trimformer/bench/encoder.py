@@ -68,38 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e2e providers (also: trimformer fp32)")  # fmt: skip
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _lengths(b: int, s: int, seed: int) -> list[int]:
-    """Uniform integers in ``[0.2 S, S]`` (ByteTransformer: ``avg = 0.6 S``, ``low = 2 avg - S``)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed * 100003 + b * 1009 + s)
-    return torch.randint(max(1, round(0.2 * s)), s + 1, (b,), generator=gen).tolist()
-
-
 def _time(fn, iters: int, warmup: int = 3) -> list[float]:
     from trimformer.bench.common import time_cuda
 
     return time_cuda(fn, warmup=warmup, repeat=iters)
-
-
-def _graph(fn):
-    """Capture ``fn`` (static inputs) in a CUDA graph after a warm-up on a side stream; returns ``graph.replay``."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -186,8 +158,10 @@ class Point:
     def __init__(self, b, s, seed):
         import torch
 
+        from trimformer.bench.common import bytetransformer_lengths
+
         self.b, self.s, self.seed = b, s, seed
-        self.lens = _lengths(b, s, seed)
+        self.lens = bytetransformer_lengths(b, s, seed)
         self.tokens = sum(self.lens)
         g = torch.Generator().manual_seed(seed)
         lists = [torch.randint(1000, 30000, (n,), generator=g).tolist() for n in self.lens]
@@ -205,6 +179,8 @@ class Point:
 def _providers(models: Models, p: Point, names: list[str]):
     import torch
 
+    from trimformer.bench.common import capture_cuda_graph
+
     out = {}
     inf = torch.inference_mode
     if "hf-eager" in names:
@@ -216,7 +192,7 @@ def _providers(models: Models, p: Point, names: list[str]):
     b = p.batch
     if "packed-graph" in names:
         with inf():
-            out["packed-graph"] = _graph(
+            out["packed-graph"] = capture_cuda_graph(
                 lambda: plain_packed_forward(models.model, b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
             )
     if "trimformer" in names:
@@ -229,7 +205,7 @@ def _providers(models: Models, p: Point, names: list[str]):
 def _part_latency(args, rec, log, md):
     import torch
 
-    from trimformer.bench.common import line_plot, markdown_table
+    from trimformer.bench.common import int_list, line_plot, markdown_table
 
     names = [n.strip() for n in args.providers.split(",") if n.strip()]
     cols = ["hf-eager", "hf-sdpa", "hf-compile", "packed-graph", "trimformer", "trimformer-eager"]
@@ -238,8 +214,8 @@ def _part_latency(args, rec, log, md):
         dtype = getattr(torch, dtype_name.strip())
         models = Models(dtype, args.tmp / dtype_name)
         rows, plot = [], {}
-        for b in _ints(args.batches):
-            for s in _ints(args.seqs):
+        for b in int_list(args.batches):
+            for s in int_list(args.seqs):
                 seeds = range(args.seed, args.seed + (args.small_batch_seeds if b <= 2 else 1))
                 med = {c: [] for c in cols}
                 toks = []
@@ -286,11 +262,11 @@ def _part_latency(args, rec, log, md):
 
 def _part_attention(args, rec, log, md):
     from trimformer.bench import attention_kernel
-    from trimformer.bench.common import markdown_table
+    from trimformer.bench.common import int_list, markdown_table
 
     ns = SimpleNamespace(seed=args.seed, sweep="", rep_ms=50)
     rows = []
-    for s in _ints(args.seqs):
+    for s in int_list(args.seqs):
         total, flops, med, gmed = attention_kernel._bt_point(ns, rec, log, 16, s)
         names = ("unfused-padded", "sdpa-padded", "varlen_attn", "ours")
         g = [gmed.get(n, math.nan) for n in names]
@@ -303,13 +279,13 @@ def _part_attention(args, rec, log, md):
 def _part_ladder(args, rec, log, md):
     import torch
 
-    from trimformer.bench.common import markdown_table, time_cuda_graph
+    from trimformer.bench.common import int_list, markdown_table, time_cuda_graph
     from trimformer.ops.linear import api as linear_api
 
     dtype = getattr(torch, args.dtypes.split(",")[0].strip())
     models = Models(dtype, args.tmp / f"ladder-{dtype}")
     rows = []
-    for s in _ints(args.ladder_seqs):
+    for s in int_list(args.ladder_seqs):
         p = Point(16, s, args.seed)
         b = p.batch
         fwd = lambda **kw: plain_packed_forward(  # noqa: E731
@@ -352,7 +328,7 @@ def _part_gemm(args, rec, log, md):
     import torch.nn.functional as F
     import triton.testing
 
-    from trimformer.bench.common import markdown_table
+    from trimformer.bench.common import int_list, markdown_table
     from trimformer.ops.activation import bias_act
     from trimformer.ops.linear.gemm import GemmConfig, default_config, linear_fwd
     from trimformer.ops.triton_utils import num_sms
@@ -363,7 +339,7 @@ def _part_gemm(args, rec, log, md):
              GemmConfig(64, 256, 64, 8, 8, 3), GemmConfig(128, 128, 32, 8, 4, 5), GemmConfig(64, 128, 64, 8, 4, 4),
              GemmConfig(128, 64, 64, 8, 4, 4), GemmConfig(64, 64, 64, 8, 4, 4)]  # fmt: skip
     for dtype in (torch.float16,):
-        for m in _ints(args.gemm_tokens):
+        for m in int_list(args.gemm_tokens):
             for n, k, act in ((3072, 768, "gelu"), (2304, 768, None), (768, 768, None), (768, 3072, None)):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
@@ -487,12 +463,12 @@ def _part_profile(args, rec, log, md):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from trimformer.bench.common import markdown_table
+    from trimformer.bench.common import int_list, markdown_table
 
     dtype = getattr(torch, args.dtypes.split(",")[0].strip())
     models = Models(dtype, args.tmp / f"profile-{dtype}")
     for b in (1, 16):
-        for s in _ints(args.ladder_seqs):
+        for s in int_list(args.ladder_seqs):
             p = Point(b, s, args.seed)
             with torch.inference_mode():
                 for _ in range(3):

@@ -57,34 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list of {', '.join(PROVIDERS)}")
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def lengths(b: int, s: int, seed: int) -> list[int]:
-    """Uniform integers in ``[0.2 S, S]`` (ByteTransformer: ``avg = 0.6 S``, ``low = 2 avg - S``)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed * 100003 + b * 1009 + s)
-    return torch.randint(max(1, round(0.2 * s)), s + 1, (b,), generator=gen).tolist()
-
-
-def _graph(fn):
-    """Capture ``fn`` (static inputs) in a CUDA graph after a warm-up on a side stream; returns ``graph.replay``."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 class FamilyModels:
     """One family's base-size model in one dtype: HF (eager, sdpa when supported) and ours, same random weights."""
 
@@ -109,9 +81,10 @@ class FamilyModels:
 def _point(b: int, s: int, seed: int, vocab: int):
     import torch
 
+    from trimformer.bench.common import bytetransformer_lengths
     from trimformer.ops.varlen import PackedBatch
 
-    lens = lengths(b, s, seed)
+    lens = bytetransformer_lengths(b, s, seed)
     gen = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(5, vocab, (n,), generator=gen) for n in lens]
     ids = torch.zeros(b, max(lens), dtype=torch.long)
@@ -132,7 +105,7 @@ def run_family(args, rec, log, md) -> dict:
 
     import torch
 
-    from trimformer.bench.common import markdown_table, time_cuda
+    from trimformer.bench.common import capture_cuda_graph, int_list, markdown_table, time_cuda
 
     families = list(FAMILIES) if args.family == "all" else [f.strip() for f in args.family.split(",") if f.strip()]
     for f in families:
@@ -153,8 +126,8 @@ def run_family(args, rec, log, md) -> dict:
         model = models.model
         log(f"[{family}: models ready in {time.perf_counter() - t0:.0f} s]")
         rows = []
-        for b in _ints(args.batches):
-            for s in _ints(args.seqs):
+        for b in int_list(args.batches):
+            for s in int_list(args.seqs):
                 seeds = range(args.seed, args.seed + (args.small_batch_seeds if b == 1 else 1))
                 med: dict[str, list[float]] = {p: [] for p in names}
                 toks, diffs = [], []
@@ -170,7 +143,7 @@ def run_family(args, rec, log, md) -> dict:
                     with torch.inference_mode():
                         if "trimformer-graph" in names:
                             try:
-                                fns["trimformer-graph"] = _graph(lambda: model.forward_packed(batch))
+                                fns["trimformer-graph"] = capture_cuda_graph(lambda: model.forward_packed(batch))
                             except RuntimeError as exc:
                                 log(f"  trimformer-graph B={b} S={s}: not capturable ({str(exc)[:120]})")
                         ref = next(iter(models.hf.values()))(input_ids=ids, attention_mask=mask).last_hidden_state

@@ -59,3 +59,23 @@ def padded(seqs: list[torch.Tensor], side: str, fill: int = 0) -> tuple[torch.Te
         sl = slice(0, len(x)) if side == "right" else slice(s - len(x), s)
         ids[i, sl], mask[i, sl] = x, 1
     return ids, mask
+
+
+def save_word_tokenizer(folder, words: list[str]):
+    """A word-level tokenizer over ``words`` ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, then the words) saved to
+    ``folder`` as a fast HF tokenizer; returns it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        model_max_length=512,
+    )  # fmt: skip
+    fast.save_pretrained(folder)
+    return fast

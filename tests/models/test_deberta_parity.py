@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.models.parity import hf_alone, padded, random_sequences, save_random_models
+from tests.models.parity import hf_alone, padded, random_sequences, save_random_models, save_word_tokenizer
 from trimformer import Encoder
 from trimformer.models.encoders import read_state_dict
 
@@ -183,32 +183,13 @@ def test_too_long_sequence_raises(encoders):
 # ----------------------------------------------------------------------------------------------- engine, CLI
 
 
-def save_word_tokenizer(folder):
-    """A word-level tokenizer over ``WORDS`` ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3) saved as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{w: i + 4 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        model_max_length=512,
-    )  # fmt: skip
-    fast.save_pretrained(folder)
-    return fast
-
-
 def test_encoder_embed_and_cli(saved, tmp_path):
     from trimformer.cli import main
 
     folder, hf = saved["v3"]
     model_dir = tmp_path / "model"
     shutil.copytree(folder, model_dir)
-    tok = save_word_tokenizer(model_dir)
+    tok = save_word_tokenizer(model_dir, WORDS)
     g = torch.Generator().manual_seed(6)
     texts = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)) for n in (0, 3, 40, 90)]
     enc = Encoder.from_pretrained(model_dir, device="cpu", dtype="fp32")

@@ -180,6 +180,18 @@ def test_too_long_sequence_raises(encoders):
         enc.forward_packed(enc.pack([[5] * 321]))
 
 
+def test_relative_only_model_runs_past_max_position_embeddings(saved, encoders):
+    """No absolute positions (v3 style): like HF, a sequence longer than ``max_position_embeddings`` runs (and
+    matches HF alone); the tokenizer-facing ``Encoder.max_length`` stays at the trained length."""
+    _, hf = saved["c2p"]
+    enc = encoders["c2p"]
+    assert enc.max_length == 512
+    seqs = _sequences(seed=3, lens=[7, 530])
+    with torch.no_grad():
+        ours = enc.model.forward_packed(enc.pack([x.tolist() for x in seqs]))
+    torch.testing.assert_close(ours, torch.cat(hf_alone(hf, seqs)), atol=1e-4, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------- engine, CLI
 
 

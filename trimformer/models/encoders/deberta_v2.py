@@ -96,6 +96,12 @@ class DebertaV2Config:
         return self.max_position_embeddings
 
     @property
+    def max_input_length(self) -> int | None:
+        """Longest sequence the forward accepts: ``max_position_embeddings`` with absolute positions, else no limit
+        (relative positions are log-bucketed or clamped to the span, so any length runs, as in HF)."""
+        return self.max_position_embeddings if self.position_biased_input else None
+
+    @property
     def position_span(self) -> int:
         """``span``: the relative embedding table has ``2 span`` rows (HF ``pos_ebd_size``)."""
         return self.position_buckets if self.position_buckets > 0 else self.max_relative_positions

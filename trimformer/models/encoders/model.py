@@ -13,8 +13,9 @@ from trimformer.ops.varlen import PackedBatch, pad
 
 class PackedEncoder(nn.Module):
     """Shared entry points of the padding-free encoders: subclasses set ``config`` (with ``max_length``,
-    ``max_position_embeddings``, ``model_type``, ``position_offset``) and ``embeddings.word`` and implement
-    :meth:`encode` on raw packed tensors."""
+    ``max_position_embeddings``, ``model_type``, ``position_offset``, and optionally ``max_input_length``: the
+    longest sequence the forward accepts, ``None`` for no limit, default ``max_length``) and ``embeddings.word`` and
+    implement :meth:`encode` on raw packed tensors."""
 
     config: object
 
@@ -29,10 +30,11 @@ class PackedEncoder(nn.Module):
             ``[T, H]`` last hidden states of the valid tokens, in the model's dtype.
         """
         cfg = self.config
-        if batch.max_seqlen > cfg.max_length:
+        limit = getattr(cfg, "max_input_length", cfg.max_length)
+        if limit is not None and batch.max_seqlen > limit:
             raise ValueError(
                 f"a sequence has {batch.max_seqlen} tokens but this {cfg.model_type} model takes at most "
-                f"{cfg.max_length} (max_position_embeddings {cfg.max_position_embeddings})"
+                f"{limit} (max_position_embeddings {cfg.max_position_embeddings})"
             )
         b = batch.to(self.embeddings.word.weight.device)
         return self.encode(b.input_ids, b.position_ids, b.token_type_ids, b.cu_seqlens, b.max_seqlen)

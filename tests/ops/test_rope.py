@@ -83,5 +83,54 @@ def test_bad_inputs_raise():
         apply_rotary(x, cos[:3], sin[:3])
     with pytest.raises(ValueError, match="rotary_dim must be even and <= head dim"):
         apply_rotary(torch.randn(4, 2, 2), cos, sin)
-    with pytest.raises(ValueError, match="no standalone Triton RoPE kernel"):
-        apply_rotary(x, cos, sin, impl="triton")
+    with pytest.raises(ValueError, match="rotary_cos_sin has no kernel"):
+        rotary_cos_sin(torch.arange(4), 4, 10000.0, impl="triton")
+    with pytest.raises(ValueError, match="cannot run apply_rotary: dtype torch.float64"):
+        apply_rotary(x.double(), cos, sin, impl="triton")
+    with pytest.raises(ValueError, match="cannot run apply_rotary: inputs require grad"):
+        apply_rotary(x.requires_grad_(), cos, sin, impl="triton")
+    with pytest.raises(ValueError, match="cannot run apply_rotary: cos/sin dtype torch.float64"):
+        apply_rotary(x.detach(), cos.double(), sin.double(), impl="triton")
+
+
+# ----------------------------------------------------------------------------------------- Triton kernel
+
+
+def _kernel_case(tokens, heads, dim, rotary_dim, dtype, device, qkv_view):
+    """Rotate ``[T, heads, dim]`` with the kernel (optionally a strided ``[T, heads, dim]`` view of a fused QKV
+    buffer, as ModernBERT passes it) and compare with the fp64 reference; also compare PyTorch's own error."""
+    g = torch.Generator().manual_seed(tokens * 31 + heads)
+    if qkv_view:  # queries and keys of a [T, 3, heads/2, dim] buffer: token stride 3/2 x the view's row
+        buf = torch.randn(tokens, 3, heads // 2, dim, generator=g).to(device, dtype)
+        x = buf[:, :2].view(tokens, heads, dim)
+    else:
+        x = torch.randn(tokens, heads, dim, generator=g).to(device, dtype)
+    pos = torch.randint(0, 4000, (tokens,), generator=g).to(device)
+    cos, sin = rotary_cos_sin(pos, rotary_dim, 10000.0)
+    before = x.clone()
+    out = apply_rotary(x, cos, sin, rotary_dim, impl="triton")
+    assert torch.equal(x, before)  # not in place
+    ref = naive_apply_rotary(x.double().cpu(), cos.double().cpu(), sin.double().cpu(), rotary_dim)
+    torch_err = (apply_rotary(x, cos, sin, rotary_dim, impl="torch").double().cpu() - ref).abs().max().item()
+    err = (out.double().cpu() - ref).abs().max().item()
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out[..., rotary_dim:], x[..., rotary_dim:])
+    assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+
+
+@pytest.mark.parametrize(("tokens", "heads", "dim", "rotary_dim"), [(1, 2, 16, 16), (37, 6, 48, 32), (70, 4, 16, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("qkv_view", [False, True], ids=["dense", "qkv-view"])
+def test_kernel_matches_reference_cpu(tokens, heads, dim, rotary_dim, dtype, qkv_view):
+    _kernel_case(tokens, heads, dim, rotary_dim, dtype, "cpu", qkv_view)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("tokens", "heads", "dim", "rotary_dim"), [(4772, 24, 64, 64), (1000, 16, 128, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_matches_reference_gpu(tokens, heads, dim, rotary_dim, dtype):
+    _kernel_case(tokens, heads, dim, rotary_dim, dtype, "cuda", qkv_view=True)
+    x = torch.randn(8, 4, 64, device="cuda", dtype=dtype)
+    cos, sin = rotary_cos_sin(torch.arange(8, device="cuda"), 64, 10000.0)
+    with torch.no_grad():  # auto takes the kernel on CUDA without autograd, and it equals impl="triton"
+        assert torch.equal(apply_rotary(x, cos, sin), apply_rotary(x, cos, sin, impl="triton"))

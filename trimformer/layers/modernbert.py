@@ -95,10 +95,11 @@ class ModernBertLayer(nn.Module):
         """
         t = x.shape[0]
         a = x if self.attn_norm is None else self._norm(x, self.attn_norm)
-        qkv = F.linear(a, self.qkv.weight, self.qkv.bias).view(t, 3, self.num_heads, self.head_dim)
-        q = apply_rotary(qkv[:, 0], cos, sin)
-        k = apply_rotary(qkv[:, 1], cos, sin)
-        attn = varlen_attention(q, k, qkv[:, 2], cu_seqlens, max_seqlen, window=self.window, impl=self.impl)
+        h = self.num_heads
+        qkv = F.linear(a, self.qkv.weight, self.qkv.bias).view(t, 3, h, self.head_dim)
+        qk = apply_rotary(qkv[:, :2].view(t, 2 * h, self.head_dim), cos, sin, impl=self.impl)  # one launch for both
+        attn = varlen_attention(qk[:, :h], qk[:, h:], qkv[:, 2], cu_seqlens, max_seqlen, window=self.window,
+                                impl=self.impl)  # fmt: skip
         x = x + F.linear(attn.reshape(t, self.hidden_size), self.out.weight, self.out.bias)
         u, gate = F.linear(self._norm(x, self.mlp_norm), self.ffn_in.weight, self.ffn_in.bias).chunk(2, dim=-1)
         g = bias_act(u, None, self.activation, impl=self.impl).mul_(gate)

@@ -4,12 +4,15 @@ Conventions (those of GPT-NeoX, Llama and HF ``apply_rotary_pos_emb``): the firs
 are rotated, pairing dim ``i`` with dim ``i + rotary_dim / 2``; the remaining ``D - rotary_dim`` dims pass through
 unchanged ("NoPE" dims). Frequencies are ``theta ** (-2i / rotary_dim)`` for ``i < rotary_dim / 2``.
 
-``impl``: ``"auto"`` and ``"torch"`` run the PyTorch formula here; ``"naive"`` the complex-number reference;
-``"triton"`` raises (RoPE is fused into the CCA prologue kernels instead of running as its own kernel).
+``impl`` of :func:`apply_rotary`: ``"auto"`` takes the one-launch Triton kernel of ``kernel.py`` on CUDA when no
+gradient is needed (else ``"torch"``); ``"triton"`` that kernel (forward only; raises when it cannot run the input);
+``"torch"`` the PyTorch formula here; ``"naive"`` the complex-number reference. The CCA layers do not call it: RoPE
+is fused into their prologue kernels. :func:`rotary_cos_sin` has no kernel (``"triton"`` raises there).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal
 
 import torch
@@ -21,8 +24,10 @@ _IMPLS = ("auto", "triton", "torch", "naive")
 def _check_impl(impl: str) -> None:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if impl == "triton":
-        raise ValueError("impl='triton': there is no standalone Triton RoPE kernel; use impl='auto' or 'torch'")
+
+
+def _kernel_module():
+    return importlib.import_module("trimformer.ops.rope.kernel")
 
 
 def rotary_inv_freq(rotary_dim: int, theta: float, *, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -57,6 +62,8 @@ def rotary_cos_sin(
         ``(cos, sin)``, each ``[*, rotary_dim // 2]`` in ``dtype``.
     """
     _check_impl(impl)
+    if impl == "triton":
+        raise ValueError("impl='triton': rotary_cos_sin has no kernel (tables are built once per batch); use 'auto'")
     if rotary_dim < 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be an even non-negative int, got {rotary_dim}")
     if not theta > 0:
@@ -118,6 +125,21 @@ def apply_rotary(
         from trimformer.ops.rope.naive import naive_apply_rotary
 
         return naive_apply_rotary(x, cos, sin, r)
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
+    if impl == "auto":
+        impl = (
+            "triton"
+            if x.is_cuda and not needs_grad and _kernel_module().unsupported_reason(x, cos) is None
+            else "torch"
+        )
+    if impl == "triton":
+        reason = "inputs require grad (the kernel is forward-only)" if needs_grad else None
+        reason = reason or _kernel_module().unsupported_reason(x, cos)
+        if reason is None and cos.device != x.device:
+            reason = f"cos/sin on {cos.device}, x on {x.device}"
+        if reason is not None:
+            raise ValueError(f"impl='triton' cannot run apply_rotary: {reason}")
+        return _kernel_module().rope_fwd(x, cos, sin.to(cos.dtype), r)
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     half = r // 2
     c = cos.to(wide).unsqueeze(-2)

@@ -51,16 +51,63 @@ def test_triton_gemm_without_bias_and_with_leading_dims():
     torch.testing.assert_close(out.view(6, 16), naive_linear(x, w, b, "gelu"), rtol=0, atol=5e-5)
 
 
-@pytest.mark.interpret
-@pytest.mark.parametrize("persistent", [False, True])
-def test_triton_gemm_explicit_configs(persistent):
-    """Both kernels (one program per tile, persistent over tiles) with more tiles than programs and a ragged K."""
-    from trimformer.ops.linear.gemm import GemmConfig, linear_fwd
+KERNEL_PATHS = {  # (persistent, tma, split, ctas_per_sm): every kernel path the interpreter can run
+    "tiles": (False, False, 1, 1),
+    "tiles-split": (False, False, 2, 1),
+    "persistent": (True, False, 1, 1),
+    "tma": (False, True, 1, 1),
+    "tma-split": (False, True, 2, 1),
+    "tma-persistent-split": (True, True, 2, 2),
+}
 
-    x, w, b = (t.float() for t in _inputs(70, 40, 50))
-    cfg = GemmConfig(16, 16, 16, 2, 4, 1, persistent=persistent)  # 5 x 4 tiles on the interpreter's 4 "SMs"
-    out = linear_fwd(x, w, b, "gelu_erf", config=cfg)
-    torch.testing.assert_close(out, naive_linear(x, w, b, "gelu").float(), rtol=0, atol=5e-5)
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_gemm_kernel_paths(path, dtype):
+    """Pointer and TMA kernels, one program per tile or persistent, whole or split epilogue: more tiles than
+    programs, ragged M, N and K (TMA zero-fills out-of-bounds reads and clips stores)."""
+    from trimformer.ops.linear.gemm import GemmConfig, linear_fwd, tma_reason
+
+    persistent, tma, split, ctas = KERNEL_PATHS[path]
+    x, w, b = _inputs(70, 40, 56)
+    cfg = GemmConfig(16, 32, 16, 2, 4, 1, persistent=persistent, tma=tma, split=split, ctas_per_sm=ctas)
+    lo = [t.to(dtype) for t in (x, w, b)]
+    out = linear_fwd(*lo, "gelu_erf", config=cfg)
+    y = torch.empty(70, 56, dtype=dtype)
+    assert (tma_reason(lo[0], lo[1], y) is None) == (dtype == torch.float16)  # fp32 runs the pointer kernel
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), naive_linear(x, w, b, "gelu"), rtol=0, atol=5e-5)
+    else:
+        assert_close_budget(out, naive_linear(x, w, b, "gelu"), naive_linear(*lo, "gelu"), factor=2.0, name=path)
+
+
+@pytest.mark.interpret
+def test_tma_kernel_strided_rows_and_fallback():
+    """The TMA kernel reads a row-strided x view; rows whose stride is not 16-byte aligned fall back to pointers."""
+    from trimformer.ops.linear.gemm import GemmConfig, linear_fwd, tma_reason
+
+    x, w, b = (t.half() for t in _inputs(33, 48, 24))
+    wide = torch.zeros(33, 64, dtype=torch.float16)
+    wide[:, :48] = x
+    cfg = GemmConfig(16, 16, 16, 1, 4, 1, tma=True)
+    ref = naive_linear(x.double(), w.double(), b.double(), "relu")
+    for view in (wide[:, :48], torch.zeros(33, 52, dtype=torch.float16)[:, :48].copy_(x)):
+        out = linear_fwd(view, w, b, "relu", config=cfg)
+        assert_close_budget(out, ref, naive_linear(x, w, b, "relu"), factor=2.0, name=str(view.stride()))
+    assert tma_reason(wide[:, :48], w, torch.empty(33, 24, dtype=torch.float16)) is None
+    assert "16-byte" in tma_reason(torch.zeros(33, 52, dtype=torch.float16)[:, :48], w, torch.empty(33, 24).half())
+
+
+def test_config_validation():
+    from trimformer.ops.linear.gemm import GemmConfig
+
+    with pytest.raises(ValueError, match="split"):
+        GemmConfig(64, 64, 64, 8, 4, 3, split=3)
+    with pytest.raises(ValueError, match="split"):
+        GemmConfig(64, 8, 64, 8, 4, 3, split=2)
+    with pytest.raises(ValueError, match="ctas_per_sm"):
+        GemmConfig(64, 64, 64, 8, 4, 3, ctas_per_sm=0)
 
 
 @pytest.mark.parametrize("act", [None, "gelu", "silu"])
@@ -109,18 +156,23 @@ def test_linear_gpu(dtype, impl, m, k, n, act):
     _check(m, k, n, act, dtype, "cuda", impl)
 
 
+GPU_CONFIGS = [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (64, 128, 64, 8, 4, 4)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("shape", [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4), (64, 128, 64, 8, 4, 4)])
-def test_linear_gpu_configs(persistent, shape):
+@pytest.mark.parametrize("path", list(KERNEL_PATHS))
+@pytest.mark.parametrize("shape", GPU_CONFIGS)
+def test_linear_gpu_configs(path, shape):
     from trimformer.ops.linear.gemm import GemmConfig, linear_fwd
 
-    cfg = GemmConfig(*shape, persistent=persistent)
-    for m, k, n, act in ((1000, 768, 3072, "gelu"), (333, 3072, 768, None)):
+    persistent, tma, split, ctas = KERNEL_PATHS[path]
+    cfg = GemmConfig(*shape, persistent=persistent, tma=tma, split=split, ctas_per_sm=ctas)
+    for m, k, n, act in ((1000, 768, 3072, "gelu"), (333, 3072, 768, None), (77, 384, 1536, "gelu")):
         x, w, b = _inputs(m, k, n, "cuda")
-        lo = [t.half() for t in (x, w, b)]
-        out = linear_fwd(*lo, "gelu_erf" if act else "identity", config=cfg)
-        assert_close_budget(out, naive_linear(x, w, b, act), naive_linear(*lo, act), factor=2.0, name=str(cfg))
+        for dtype in (torch.float16, torch.bfloat16):
+            lo = [t.to(dtype) for t in (x, w, b)]
+            out = linear_fwd(*lo, "gelu_erf" if act else "identity", config=cfg)
+            assert_close_budget(out, naive_linear(x, w, b, act), naive_linear(*lo, act), factor=2.0, name=str(cfg))
 
 
 def test_tuner_bookkeeping_on_cpu():
@@ -149,6 +201,8 @@ def test_tuner_bookkeeping_on_cpu():
     for m in (1, 300, 5000):
         cands = tune.candidate_configs(m, 3072, 768, torch.float16, 132)
         assert cands and len(set(cands)) == len(cands)
+    assert tune.graph_calls(16, 768, 768) == 16 and tune.graph_calls(20000, 3072, 768) == 1  # latency vs GPU bound
+    assert 1 < tune.graph_calls(350, 3072, 768) < 16
 
 
 @pytest.mark.gpu
@@ -160,5 +214,71 @@ def test_tuned_auto_linear_gpu(m, k, n, act):
     _check(m, k, n, act, torch.float16, "cuda", "auto")  # searches, then runs the chosen path
     (times,) = tune.MEASURED.values()
     assert "cublas" in times and len(times) >= 2
+    assert all(0 < t < 5 for t in times.values()), times  # GPU ms per call from graph replays
     _check(m, k, n, act, torch.float16, "cuda", "auto")  # the remembered choice
     assert len(tune.MEASURED) == 1
+
+
+_SM90_COMPILE = r"""
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+import triton.runtime.jit as J
+
+class StandInDriver:
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_active_torch_device(self): return torch.device("cpu")
+
+driver.set_active(StandInDriver())
+kernels = []
+_run = J.JITFunction.run
+def run(self, *args, grid, warmup, **kwargs):
+    kernels.append((self.fn.__name__, _run(self, *args, grid=grid, warmup=True, **kwargs)))
+J.JITFunction.run = run
+import trimformer.ops.triton_utils as tu
+from trimformer.ops.linear import gemm
+gemm.num_sms = lambda device: 132
+gemm.tma_reason = lambda *a: None  # CPU stand-in tensors: take the TMA kernel where a config asks for it
+G = gemm.GemmConfig
+x, w, b = torch.randn(4772, 768).half(), torch.randn(3072, 768).half(), torch.randn(3072).half()
+for cfg in (G(128, 256, 64, 8, 8, 3, tma=True, split=2), G(128, 128, 64, 8, 4, 3, True, tma=True, split=2,
+            ctas_per_sm=2), G(64, 128, 64, 8, 4, 4), G(128, 128, 64, 8, 4, 3, True, split=2)):
+    gemm.linear_fwd(x, w, b, "gelu_erf", config=cfg)
+    name, k = kernels[-1]
+    ptx = k.asm["ptx"]
+    tma = "cp.async.bulk.tensor" in ptx
+    print(name, cfg.tma, "wgmma" if "wgmma.mma_async" in ptx else "no-wgmma", "tma" if tma else "no-tma",
+          k.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The TMA kernel (one program per tile and persistent, split epilogue) and the pointer kernel compile for sm_90
+    at the FFN1 shape with wgmma, and the TMA one with bulk tensor copies: checked on the CPU with Triton's compiler
+    and ptxas (the interpreter cannot tell), no GPU needed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton build has no NVIDIA backend (compiler and ptxas) to compile sm_90 kernels with")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=root)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln.split() for ln in proc.stdout.splitlines()]
+    assert [ln[:4] for ln in lines] == [
+        ["_linear_tma_kernel", "True", "wgmma", "tma"],
+        ["_linear_tma_kernel", "True", "wgmma", "tma"],
+        ["_linear_kernel", "False", "wgmma", "no-tma"],
+        ["_linear_kernel", "False", "wgmma", "no-tma"],
+    ], proc.stdout
+    assert all(int(ln[4]) <= 232448 for ln in lines)  # fits the 227 KB a program may have on sm_90

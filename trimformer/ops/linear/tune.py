@@ -1,15 +1,20 @@
-"""Measured choice, per GEMM shape, between cuBLAS + the fused bias-activation kernel and the Triton GEMM with the
-bias and activation in its epilogue (one of a few Hopper-sized launch configurations).
+"""Measured choice, per GEMM shape, between cuBLAS (+ the fused bias-activation kernel) and the Triton GEMM with the
+bias and activation in its epilogue (one of a few Hopper-sized launch configurations, pointer or TMA kernel).
 
-Which one wins depends on the shape and on the machine (NOTES.md: on the H100 the Triton GEMM lost to cuBLAS at some
-BERT-base shapes and won at others), so ``linear(impl="auto")`` measures instead of guessing: the first time a CUDA
-GEMM with an activation of a given ``(row bucket, N, K, activation, dtype, device)`` runs outside a CUDA-graph
-capture, every candidate is timed on the real operands (CUDA events, median of a few calls, after one warm-up call
-that also compiles it) and the fastest is remembered. The row bucket is the next power of two of ``M``, so a model
-tunes each FFN shape once per power of two of its token count. The search synchronises the device, so it is skipped
-(and cuBLAS + the fused kernel used, without remembering anything) while a stream is capturing, under
-``torch.compile`` tracing, and when ``torch.cuda`` sync debugging is on. ``CUDA graphs`` capture after warm-up calls,
-so captured graphs use the tuned choice. Call :func:`set_choice` to pin one, :func:`clear` to forget all.
+Which one wins depends on the shape and on the machine (NOTES.md), so ``linear(impl="auto")`` measures instead of
+guessing: the first time a CUDA GEMM of a given ``(row bucket, N, K, activation, dtype, device)`` runs outside a
+CUDA-graph capture, every candidate is timed on the real operands and the fastest is remembered. The row bucket is
+the next power of two of ``M``.
+
+Timing measures what the model pays inside its CUDA graphs, i.e. GPU time only: each candidate runs once eagerly
+(compiles, warms), then a CUDA graph of a few back-to-back calls is captured and replayed (median over replays, per
+call). Timing single eager calls between events instead measured host launch overhead at small ``M`` (a Triton
+launch costs more host time than a cuBLAS one) and picked slow kernels for graphed forwards.
+
+The search synchronises the device, so it is skipped (and cuBLAS used, without remembering anything) while a stream
+is capturing, under ``torch.compile`` tracing, and when ``torch.cuda`` sync debugging is on. The engine captures its
+graphs after warm-up forwards, so captured graphs use the tuned choice. :func:`set_choice` pins one, :func:`clear`
+forgets all.
 """
 
 from __future__ import annotations
@@ -27,7 +32,11 @@ Choice = GemmConfig | None
 _CHOICES: dict[tuple, Choice] = {}
 #: what the last searches measured, ``key -> {candidate name: ms}`` (benchmarks report it).
 MEASURED: dict[tuple, dict[str, float]] = {}
-_REPEAT = 7
+#: timed graph replays per candidate (median)
+_REPLAYS = 7
+#: a captured graph holds about this many FLOPs of back-to-back calls (at most 16 calls, at least 1)
+_GRAPH_FLOPS = 2e10
+_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def tune_key(m: int, n: int, k: int, kind: str, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -36,16 +45,25 @@ def tune_key(m: int, n: int, k: int, kind: str, dtype: torch.dtype, device: torc
 
 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[GemmConfig]:
-    """Launch configurations worth timing for this shape (the shape-only default first, no duplicates)."""
+    """Launch configurations worth timing for this shape (the shape-only default first, no duplicates).
+
+    Hopper sizes: wgmma tiles of 64-256 rows and columns with one (4 warps) or two (8 warps) warpgroups; 4-warp
+    128x128 / 64x256 tiles fit two programs per SM (one's epilogue overlaps the other's K loop); the TMA kernel with
+    its epilogue stored in two halves (no register spills at 128x256); persistent grids.
+    """
     g = GemmConfig
     out = [default_config(m, n, k, dtype, sms)]
     if dtype == torch.float32:
         return out
     if m <= 512:
-        out += [g(64, 64, 64, 8, 4, 4), g(64, 128, 64, 8, 4, 4), g(32, 64, 128, 1, 4, 4), g(32, 32, 128, 1, 4, 4)]
+        out += [g(64, 64, 64, 8, 4, 4), g(64, 128, 64, 8, 4, 4), g(32, 64, 128, 1, 4, 4),
+                g(64, 128, 64, 8, 4, 4, tma=True), g(64, 64, 64, 8, 4, 4, tma=True), g(128, 64, 64, 8, 4, 4, tma=True),
+                g(64, 256, 64, 8, 4, 3, tma=True, split=2)]  # fmt: skip
     else:
-        out += [g(128, 256, 64, 8, 8, 3), g(128, 128, 64, 8, 8, 4), g(128, 128, 64, 8, 4, 4), g(64, 256, 64, 8, 8, 3),
-                g(128, 256, 64, 8, 8, 3, True), g(128, 128, 64, 8, 8, 4, True)]  # fmt: skip
+        out += [g(128, 256, 64, 8, 8, 3, tma=True, split=2), g(128, 128, 64, 8, 4, 3, tma=True, split=2),
+                g(128, 128, 64, 8, 4, 3, True, tma=True, split=2, ctas_per_sm=2),
+                g(128, 256, 64, 8, 8, 3, True, tma=True, split=2), g(256, 128, 64, 8, 8, 3, tma=True, split=2),
+                g(64, 256, 64, 8, 4, 2, tma=True, split=2), g(128, 128, 64, 8, 4, 3, split=2)]  # fmt: skip
     seen: list[GemmConfig] = []
     for c in out:
         if c not in seen:
@@ -63,16 +81,50 @@ def can_search(x: torch.Tensor) -> bool:
     )
 
 
-def _median_ms(fn: Callable[[], object]) -> float:
-    fn()  # compile + warm
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(_REPEAT)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(_REPEAT)]
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One capture stream per device (cuBLAS keeps a workspace per stream: a new stream per search would leak)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(device=index)
+    return _STREAMS[index]
+
+
+def graph_ms(fn: Callable[[], object], calls: int, device: torch.device) -> float:
+    """Median GPU milliseconds of one ``fn()`` call: a CUDA graph of ``calls`` back-to-back calls is captured
+    (after one eager call that compiles and warms up) and replayed :data:`_REPLAYS` times between CUDA events.
+
+    ``fn`` must be graph-capturable (no host syncs); its outputs live in the graph's private memory pool, freed with
+    the graph.
+    """
+    fn()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    stream = _side_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            for _ in range(calls):
+                fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(_REPLAYS)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(_REPLAYS)]
     for s, e in zip(starts, ends):
         s.record()
-        fn()
+        graph.replay()
         e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    torch.cuda.synchronize(device)
+    ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / calls
+    del graph
+    return ms
+
+
+def graph_calls(m: int, n: int, k: int) -> int:
+    """Calls per timed graph for an ``[m, k] x [k, n]`` GEMM: enough back-to-back work to swamp replay gaps."""
+    return max(1, min(16, int(_GRAPH_FLOPS // max(1, 2 * m * n * k))))
 
 
 def choose(
@@ -84,7 +136,8 @@ def choose(
         x: ``[..., K]`` CUDA fp16/bf16/fp32 input.
         weight: ``[N, K]``; bias ``[N]`` or ``None``.
         kind: canonical activation kind.
-        cublas: runs the cuBLAS + fused-kernel path once on the same operands (timed as the baseline).
+        cublas: runs the cuBLAS (+ fused-kernel) path once on the same operands (timed as the baseline; must be
+            graph-capturable).
 
     Returns:
         ``None`` for the cuBLAS path, else the Triton launch configuration to use.
@@ -96,7 +149,8 @@ def choose(
         return _CHOICES[key]
     if not can_search(x):
         return None
-    times: dict[str, float] = {"cublas": _median_ms(cublas)}
+    calls = graph_calls(m, n, k)
+    times: dict[str, float] = {"cublas": graph_ms(cublas, calls, x.device)}
     ref = cublas().float()
     tol = 1e-2 * ref.abs().max().item() + 1e-3
     best: tuple[float, Choice] = (times["cublas"], None)
@@ -104,7 +158,7 @@ def choose(
         try:
             if (linear_fwd(x, weight, bias, kind, config=cfg).float() - ref).abs().max().item() > tol:
                 continue  # a miscompiled config is never chosen
-            t = _median_ms(lambda cfg=cfg: linear_fwd(x, weight, bias, kind, config=cfg))
+            t = graph_ms(lambda cfg=cfg: linear_fwd(x, weight, bias, kind, config=cfg), calls, x.device)
         except Exception:  # noqa: BLE001 - a config this compiler/GPU cannot build (resources) is just not a candidate
             continue
         times[str(cfg)] = t
@@ -141,6 +195,8 @@ __all__ = [
     "MEASURED",
     "can_search",
     "candidate_configs",
+    "graph_calls",
+    "graph_ms",
     "choose",
     "chose_triton",
     "clear",

@@ -156,17 +156,18 @@ def test_linear_gpu(dtype, impl, m, k, n, act):
     _check(m, k, n, act, dtype, "cuda", impl)
 
 
-GPU_CONFIGS = [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 3), (64, 128, 64, 8, 4, 4)]
+GPU_SHAPES = {"tiles": (64, 128, 64, 8, 4, 4), "tiles-split": (128, 128, 64, 8, 4, 3),
+              "persistent": (128, 128, 64, 8, 8, 4), "tma": (128, 128, 64, 8, 4, 3),
+              "tma-split": (128, 256, 64, 8, 8, 3), "tma-persistent-split": (128, 128, 64, 8, 4, 3)}  # fmt: skip
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", list(KERNEL_PATHS))
-@pytest.mark.parametrize("shape", GPU_CONFIGS)
-def test_linear_gpu_configs(path, shape):
+def test_linear_gpu_configs(path):
     from trimformer.ops.linear.gemm import GemmConfig, linear_fwd
 
     persistent, tma, split, ctas = KERNEL_PATHS[path]
-    cfg = GemmConfig(*shape, persistent=persistent, tma=tma, split=split, ctas_per_sm=ctas)
+    cfg = GemmConfig(*GPU_SHAPES[path], persistent=persistent, tma=tma, split=split, ctas_per_sm=ctas)
     for m, k, n, act in ((1000, 768, 3072, "gelu"), (333, 3072, 768, None), (77, 384, 1536, "gelu")):
         x, w, b = _inputs(m, k, n, "cuda")
         for dtype in (torch.float16, torch.bfloat16):

@@ -252,7 +252,7 @@ def _descriptor_tile(x_desc, w_desc, y_desc, B, tile, M, N, K, HAS_BIAS: tl.cons
 # ------------------------------------------------------------------------------------------------ kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for any token count (the tuner times several configs)
 def _linear_kernel(
     X,
     W,
@@ -288,7 +288,7 @@ def _linear_kernel(
                       BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, EVEN_K, DOT_PREC)  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _linear_tma_kernel(
     x_desc,
     w_desc,

@@ -164,3 +164,167 @@ def test_metrics_render_prometheus_text():
     for line in text.splitlines():  # every sample line is "name{labels} value" with a float value
         if not line.startswith("#"):
             float(line.rsplit(" ", 1)[1])
+
+
+class FakeTokenizer:
+    """Text ``"w1 w2 ..."`` -> ids ``[len(text), <word lengths>]`` (names its text), cut to ``limit`` with the cut
+    indices in ``.truncated``; records each call; raises for a text containing ``"boom"``; blocks while ``gate``
+    is closed."""
+
+    def __init__(self, limit: int = 6):
+        self.limit = limit
+        self.calls: list[list[str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def __call__(self, texts):
+        from trimformer.engine.tokenization import Tokenized
+
+        self.entered.set()
+        self.gate.wait(30)
+        self.calls.append(list(texts))
+        if any("boom" in t for t in texts):
+            raise ValueError("cannot tokenize boom")
+        ids = [[len(t), *(len(w) for w in t.split())] for t in texts]
+        cut = tuple(i for i, x in enumerate(ids) if len(x) > self.limit)
+        return Tokenized([x[: self.limit] for x in ids], None, cut)
+
+
+def _ids_of(text: str, limit: int = 6) -> list[int]:
+    return [len(text), *(len(w) for w in text.split())][:limit]
+
+
+def _refuse_cut(tokens):
+    if tokens.truncated:
+        raise OverflowError(f"input {tokens.truncated[0]} too long")
+
+
+def test_texts_of_waiting_requests_are_tokenized_in_one_call_and_a_refused_one_spares_its_batchmates():
+    model, tok = FakeModel(), FakeTokenizer()
+    metrics = Metrics()
+    batcher = Batcher(model, max_batch_tokens=100, metrics=metrics, tokenize=tok)
+    texts = [["a bb"], ["ccc", "dddd e"], ["f g h i j k l m"], ["nn"]]  # request 2 is over the 6-token limit
+
+    async def main():
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        tok.gate.clear()  # hold the stage on a first request, so the next four wait in the inbox together
+        first = Job("embed", None, None, loop.create_future(), loop, texts=["zz"])
+        batcher.submit(first)
+        assert await loop.run_in_executor(None, tok.entered.wait, 10)
+        jobs = [Job("embed", None, None, loop.create_future(), loop, texts=t, check=_refuse_cut) for t in texts]
+        futures = [batcher.submit(j) for j in jobs]
+        assert batcher.queued_jobs == 4 and batcher.queue_depth == 5
+        tok.gate.set()
+        await first.future
+        return jobs, await asyncio.gather(*futures, return_exceptions=True)
+
+    jobs, results = asyncio.run(main())
+    batcher.stop(5)
+    assert tok.calls == [["zz"], [t for group in texts for t in group]]  # one call for the four waiting requests
+    assert isinstance(results[2], OverflowError) and "input 0 too long" in str(results[2])
+    for i in (0, 1, 3):
+        want = [_ids_of(t) for t in texts[i]]
+        torch.testing.assert_close(results[i], _expected(want), rtol=0, atol=0)
+        assert jobs[i].num_tokens == sum(len(x) for x in want)
+    assert not any(x[0] == len(texts[2][0]) for w in model.windows for x in w)  # the refused one never ran
+    assert "trimformer_tokenization_duration_seconds_count 2" in metrics.render()
+
+
+def test_a_failing_tokenizer_call_fails_only_the_request_that_fails_alone():
+    model, tok = FakeModel(), FakeTokenizer()
+    batcher = Batcher(model, max_batch_tokens=100, tokenize=tok)
+
+    async def main():
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        tok.gate.clear()
+        batcher.submit(Job("embed", None, None, loop.create_future(), loop, texts=["x"]))
+        assert await loop.run_in_executor(None, tok.entered.wait, 10)
+        jobs = [Job("embed", None, None, loop.create_future(), loop, texts=t) for t in (["ok"], ["boom"], ["fine"])]
+        futures = [batcher.submit(j) for j in jobs]
+        tok.gate.set()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    results = asyncio.run(main())
+    batcher.stop(5)
+    assert isinstance(results[1], ValueError) and "cannot tokenize boom" in str(results[1])
+    torch.testing.assert_close(results[0], _expected([_ids_of("ok")]))
+    torch.testing.assert_close(results[2], _expected([_ids_of("fine")]))
+    assert ["ok", "boom", "fine"] in tok.calls and ["boom"] in tok.calls  # batched, then each alone
+
+
+def test_a_window_resolves_all_its_jobs_with_one_callback_and_normalises_on_request():
+    model = FakeModel()
+    batcher = Batcher(model, max_batch_tokens=100)
+    requests = [_seqs(100 * (i + 1), [2, 3]) for i in range(5)]
+
+    async def main():
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        gate, jobs, futures = await _behind_gate(batcher, model, requests)
+        jobs[1].normalize = jobs[3].normalize = True
+        calls = []
+        original = loop.call_soon_threadsafe
+
+        def counting(callback, *args, **kw):
+            calls.append(callback)
+            return original(callback, *args, **kw)
+
+        loop.call_soon_threadsafe = counting
+        model.gate.set()
+        await gate
+        results = await asyncio.gather(*futures)
+        loop.call_soon_threadsafe = original
+        return calls, results
+
+    calls, results = asyncio.run(main())
+    batcher.stop(5)
+    assert len(calls) == 2  # the gate's window, then one for the five jobs of the next window
+    for i, (ids, got) in enumerate(zip(requests, results)):
+        want = _expected(ids)
+        if i in (1, 3):
+            want = want / want.norm(dim=-1, keepdim=True)
+        torch.testing.assert_close(got, want)
+
+
+def test_a_job_cancelled_in_the_inbox_is_never_tokenized():
+    model, tok = FakeModel(), FakeTokenizer()
+    metrics = Metrics()
+    batcher = Batcher(model, max_batch_tokens=100, metrics=metrics, tokenize=tok)
+
+    async def main():
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        tok.gate.clear()
+        batcher.submit(Job("embed", None, None, loop.create_future(), loop, texts=["x"]))
+        assert await loop.run_in_executor(None, tok.entered.wait, 10)
+        gone = Job("embed", None, None, loop.create_future(), loop, texts=["left early", "too"])
+        kept = Job("embed", None, None, loop.create_future(), loop, texts=["stays"])
+        batcher.submit(gone)
+        batcher.submit(kept)
+        gone.cancel()
+        tok.gate.set()
+        return await kept.future
+
+    kept = asyncio.run(main())
+    batcher.stop(5)
+    torch.testing.assert_close(kept, _expected([_ids_of("stays")]))
+    assert tok.calls == [["x"], ["stays"]]
+    assert "trimformer_dropped_sequences_total 2" in metrics.render()
+
+
+def test_submit_refuses_jobs_without_a_way_to_their_tokens():
+    batcher = Batcher(FakeModel(), max_batch_tokens=10)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with pytest.raises(ValueError, match="input_ids, texts or prepare"):
+            batcher.submit(Job("embed", None, None, loop.create_future(), loop))
+        with pytest.raises(ValueError, match="no tokenizer"):
+            batcher.submit(Job("embed", None, None, loop.create_future(), loop, texts=["a"]))
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="tokenizer_threads"):
+        Batcher(FakeModel(), max_batch_tokens=10, tokenizer_threads=0)

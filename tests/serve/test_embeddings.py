@@ -161,3 +161,13 @@ def test_health_info_metrics(server):
     )
     assert metric(after, "trimformer_batch_size_count") >= 3 and metric(after, "trimformer_batch_tokens_sum") > 0
     assert "trimformer_queue_depth 0" in after and "trimformer_in_flight_requests 0" in after
+
+
+def test_docs_list_the_embedding_endpoints(server):
+    url, _ = server
+    paths = httpx.get(url + "/openapi.json").json()["paths"]
+    body = {p: paths[p]["post"]["requestBody"]["content"] for p in ("/v1/embeddings", "/embed")}
+    schema = {p: content["application/json"]["schema"] for p, content in body.items()}
+    assert "input" in schema["/v1/embeddings"]["properties"] and "normalize" in schema["/embed"]["properties"]
+    assert "/rerank" in paths and "/predict" in paths
+    assert httpx.get(url + "/docs").status_code == 200

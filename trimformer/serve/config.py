@@ -11,9 +11,10 @@ API_KEY_ENV = "TRIMFORMER_API_KEY"
 
 
 def default_tokenization_workers() -> int:
-    """Threads that tokenize requests: one per CPU core, at most 4 (the Rust tokenizer parallelises a batch by
-    itself; more Python threads mostly contend for the GIL with the event loop and the model worker)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Threads of the tokenizer stage: one. Each call tokenizes every waiting request's texts at once (the Rust
+    tokenizer parallelises a batch by itself); a second thread only splits those batches and contends for the GIL
+    with the event loop (measured: 3,135 vs 2,459 single-text requests/s at 64 clients on 2 cores)."""
+    return 1
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ServerConfig:
         truncate: default for over-long inputs: cut them to the model's limit (True) or answer 413 (False).
         api_key: when set, every endpoint but ``GET /health`` needs ``Authorization: Bearer <api_key>``.
         model_id: the name reported in responses and ``/info`` (default: the folder name).
-        tokenization_workers: threads that tokenize (default: :func:`default_tokenization_workers`).
+        tokenization_workers: tokenizer-stage threads (default: :func:`default_tokenization_workers`).
         shutdown_timeout: seconds to wait for accepted requests after SIGTERM before exiting anyway.
         retry_after: seconds sent in ``Retry-After`` with 429 and 503 answers.
         cuda_graphs: on a GPU, replay CUDA graphs for model batches (the engine's default).
@@ -161,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model-id", default=None, help="model name reported by the API (default: folder name)")
     parser.add_argument(
-        "--tokenization-workers", type=_positive_int, default=None, metavar="N", help="tokenizer threads (cores, <= 4)"
+        "--tokenization-workers", type=_positive_int, default=None, metavar="N", help="tokenizer-stage threads (1)"
     )
     parser.add_argument(
         "--shutdown-timeout",

@@ -4,11 +4,13 @@ Metric names (all prefixed ``trimformer_``):
 
 * ``requests_total{endpoint,status}``: answered requests; status 499 means the client left before the answer.
 * ``request_duration_seconds{endpoint}``: histogram, request in to response out (auth and parsing included).
-* ``tokenization_duration_seconds``, ``queue_duration_seconds`` (submit to first model window),
-  ``inference_duration_seconds`` (one model call): histograms.
+* ``tokenization_duration_seconds`` (one call of the tokenizer stage, over every request it took at once),
+  ``queue_duration_seconds`` (submit to first model window), ``inference_duration_seconds`` (one model call):
+  histograms.
 * ``batch_size`` (sequences per model call) and ``batch_tokens`` (valid tokens per model call): histograms.
 * ``inputs_total{endpoint}``, ``input_tokens_total{endpoint}``: inputs and tokens of successful requests.
-* ``queue_depth`` (sequences waiting), ``queue_requests`` (requests waiting), ``in_flight_requests``: gauges.
+* ``queue_depth`` (sequences waiting), ``queue_requests`` (requests waiting), ``in_flight_requests``: gauges, read
+  when rendered (no per-request cost).
 * ``cancelled_requests_total``, ``dropped_sequences_total`` (never computed because the client left),
   ``model_errors_total`` (failed model calls), ``rejected_requests_total{reason}`` (429/503/413/422/401...).
 
@@ -65,7 +67,7 @@ class Counter(_Metric):
             self.values[()] = 0.0
 
     def inc(self, labels: Sequence[str] = (), amount: float = 1.0) -> None:
-        key = tuple(str(v) for v in labels)
+        key = tuple(labels) if labels.__class__ is tuple else tuple(str(v) for v in labels)
         self.values[key] = self.values.get(key, 0.0) + amount
 
     def lines(self) -> list[str]:
@@ -93,7 +95,7 @@ class Histogram(_Metric):
         self.series: dict[tuple[str, ...], list] = {}  # labels -> [bucket counts..., sum, count]
 
     def observe(self, value: float, labels: Sequence[str] = ()) -> None:
-        key = tuple(str(v) for v in labels)
+        key = tuple(labels) if labels.__class__ is tuple else tuple(str(v) for v in labels)
         s = self.series.get(key)
         if s is None:
             s = self.series[key] = [0] * len(self.buckets) + [0.0, 0]
@@ -125,7 +127,13 @@ class Histogram(_Metric):
 class Metrics:
     """All server metrics; every recording method is thread-safe."""
 
-    def __init__(self, *, in_flight: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        in_flight: Callable[[], float] | None = None,
+        queue_depth: Callable[[], float] | None = None,
+        queue_requests: Callable[[], float] | None = None,
+    ) -> None:
         p = "trimformer_"
         self._lock = threading.Lock()
         self.requests = Counter(
@@ -134,15 +142,19 @@ class Metrics:
         self.request_duration = Histogram(
             p + "request_duration_seconds", "Request latency, in to out.", LATENCY_BUCKETS, ("endpoint",)
         )
-        self.tokenization = Histogram(p + "tokenization_duration_seconds", "Tokenizing one request.", LATENCY_BUCKETS)
+        self.tokenization = Histogram(
+            p + "tokenization_duration_seconds", "One tokenizer-stage call (requests taken at once).", LATENCY_BUCKETS
+        )
         self.queue = Histogram(p + "queue_duration_seconds", "Submit to first model window.", LATENCY_BUCKETS)
         self.inference = Histogram(p + "inference_duration_seconds", "One model call.", LATENCY_BUCKETS)
         self.batch_size = Histogram(p + "batch_size", "Sequences per model call.", SIZE_BUCKETS)
         self.batch_tokens = Histogram(p + "batch_tokens", "Valid tokens per model call.", TOKEN_BUCKETS)
         self.inputs = Counter(p + "inputs_total", "Inputs of successful requests.", ("endpoint",))
         self.input_tokens = Counter(p + "input_tokens_total", "Tokens of successful requests.", ("endpoint",))
-        self.queue_depth = Gauge(p + "queue_depth", "Sequences waiting for the model.")
-        self.queue_requests = Gauge(p + "queue_requests", "Requests with sequences waiting for the model.")
+        self.queue_depth = Gauge(p + "queue_depth", "Sequences waiting for the model.", queue_depth)
+        self.queue_requests = Gauge(
+            p + "queue_requests", "Requests with sequences waiting for the model.", queue_requests
+        )
         self.in_flight = Gauge(p + "in_flight_requests", "Requests admitted and not yet answered.", in_flight)
         self.cancelled = Counter(p + "cancelled_requests_total", "Requests whose client left before the answer.")
         self.dropped = Counter(p + "dropped_sequences_total", "Sequences never computed because their client left.")
@@ -166,17 +178,22 @@ class Metrics:
             self.model_errors,
             self.rejected,
         )
+        self._keys: dict[tuple[str, int], tuple[tuple[str, str], tuple[str]]] = {}
 
     # ------------------------------------------------------------------ recording
     def request(self, endpoint: str, status: int, seconds: float) -> None:
+        key = self._keys.get((endpoint, status))
+        if key is None:
+            key = self._keys[(endpoint, status)] = ((endpoint, str(status)), (endpoint,))
         with self._lock:
-            self.requests.inc((endpoint, str(status)))
-            self.request_duration.observe(seconds, (endpoint,))
+            self.requests.inc(key[0])
+            self.request_duration.observe(seconds, key[1])
 
     def served(self, endpoint: str, inputs: int, tokens: int) -> None:
+        key = (endpoint,)
         with self._lock:
-            self.inputs.inc((endpoint,), inputs)
-            self.input_tokens.inc((endpoint,), tokens)
+            self.inputs.inc(key, inputs)
+            self.input_tokens.inc(key, tokens)
 
     def tokenized(self, seconds: float) -> None:
         with self._lock:
@@ -186,15 +203,17 @@ class Metrics:
         with self._lock:
             self.queue.observe(seconds)
 
+    def queue_waits(self, seconds: Sequence[float]) -> None:
+        """Several requests' submit-to-first-window waits (one model window) under one lock."""
+        with self._lock:
+            for s in seconds:
+                self.queue.observe(s)
+
     def batch(self, sequences: int, tokens: int, seconds: float) -> None:
         with self._lock:
             self.batch_size.observe(sequences)
             self.batch_tokens.observe(tokens)
             self.inference.observe(seconds)
-
-    def set_queue(self, sequences: int, requests: int) -> None:
-        with self._lock:
-            self.queue_depth.value, self.queue_requests.value = sequences, requests
 
     def cancelled_request(self) -> None:
         with self._lock:

@@ -1,9 +1,10 @@
 """The model behind the server: an :class:`~trimformer.Encoder`, plus a sequence-classification head for
 cross-encoders and classifiers.
 
-Tokenization runs in a pool of threads; each thread tokenizes with its own :class:`~trimformer.Encoder` view that
-shares the model's weights but owns a tokenizer (HF fast tokenizers must not be called from two threads at once).
-The model itself runs on one thread only (the batcher's worker) through :meth:`ServedModel.run`.
+Tokenization runs in the batcher's tokenizer-stage threads; each thread tokenizes with its own
+:class:`~trimformer.Encoder` view that shares the model's weights but owns a tokenizer (HF fast tokenizers must not
+be called from two threads at once). The model itself runs on one thread only (the batcher's worker) through
+:meth:`ServedModel.run`.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class ServedModel:
             }
         return out
 
-    # ------------------------------------------------------------------ tokenization (pool threads)
+    # ------------------------------------------------------------------ tokenization (stage threads)
     def _thread_encoder(self) -> Encoder:
         view = getattr(self._local, "encoder", None)
         if view is None:

@@ -1,6 +1,8 @@
 """Response bodies: embeddings as JSON floats or base64, classifier scores, and the two error shapes.
 
-Bodies are serialized here, once, to bytes (no FastAPI ``jsonable_encoder`` walk over thousands of floats).
+Bodies are serialized here, once, to bytes (no FastAPI ``jsonable_encoder`` walk over thousands of floats), with
+orjson when it is installed (float32 rows written straight from the numpy buffer, as the shortest literal that reads
+back to the same float32) and the standard ``json`` module otherwise (float32 values as exact float64 literals).
 Errors take the shape clients of each API expect:
 
 * under ``/v1/`` (OpenAI): ``{"error": {"message": ..., "type": ..., "param": null, "code": ...}}``;
@@ -15,6 +17,11 @@ import json
 import numpy as np
 import torch
 from starlette.responses import Response
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; the json fallback keeps a bare install working
+    orjson = None
 
 #: Not a real HTTP status: nginx's "client closed request", recorded when the client left before the answer.
 CLIENT_CLOSED = 499
@@ -43,11 +50,32 @@ class ClientGone(Exception):
     """The client disconnected before its answer; its work was dropped."""
 
 
+def dumps(body: object) -> bytes:
+    """Compact JSON bytes of plain Python data (orjson when installed)."""
+    if orjson is not None:
+        return orjson.dumps(body)
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(data: bytes) -> object:
+    """Parse JSON bytes (orjson when installed; ``ValueError`` for malformed JSON either way)."""
+    if orjson is not None:
+        return orjson.loads(data)
+    return json.loads(data)
+
+
 def json_response(body: object, status: int = 200) -> Response:
-    return Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json")
+    return Response(dumps(body), status_code=status, media_type="application/json")
 
 
 def error_response(path: str, status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> Response:
+    """The error response for ``path``'s API family (see the module docstring)."""
+    resp = Response(error_body(path, status, message, kind), status_code=status, media_type="application/json")
+    resp.headers.update(headers or {})
+    return resp
+
+
+def error_body(path: str, status: int, message: str, kind: str) -> bytes:
     """The error body for ``path``'s API family (see the module docstring)."""
     if path.startswith("/v1/"):
         body: dict = {
@@ -60,32 +88,47 @@ def error_response(path: str, status: int, message: str, kind: str, headers: dic
         }
     else:
         body = {"error": message, "error_type": kind}
-    resp = json_response(body, status)
-    resp.headers.update(headers or {})
-    return resp
+    return dumps(body)
 
 
-def _float_rows(vectors: torch.Tensor) -> list[str]:
-    """Each row of ``[N, D]`` float32 as a JSON array (float32 values written as exact float64 literals)."""
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
-    return [dumps(row) for row in vectors.tolist()]
+def _float32(vectors: torch.Tensor | np.ndarray) -> np.ndarray:
+    arr = vectors.numpy() if isinstance(vectors, torch.Tensor) else vectors
+    return np.ascontiguousarray(arr, dtype="<f4")
 
 
-def openai_embeddings_body(vectors: torch.Tensor, model_id: str, prompt_tokens: int, encoding_format: str) -> bytes:
+def _float_rows(arr: np.ndarray) -> list[bytes]:
+    """Each row of ``[N, D]`` float32 as a JSON array."""
+    if orjson is not None:
+        opt = orjson.OPT_SERIALIZE_NUMPY
+        return [orjson.dumps(row, option=opt) for row in arr]
+    encode = json.JSONEncoder(separators=(",", ":")).encode
+    return [encode(row).encode() for row in arr.tolist()]
+
+
+def openai_embeddings_body(
+    vectors: torch.Tensor | np.ndarray, model_id: str, prompt_tokens: int, encoding_format: str
+) -> bytes:
     """``POST /v1/embeddings`` answer for ``[N, D]`` float32 rows (``base64``: little-endian float32 bytes)."""
+    arr = _float32(vectors)
     if encoding_format == "base64":
-        arr = np.ascontiguousarray(vectors.numpy(), dtype="<f4")
-        rows = ['"' + base64.b64encode(r.tobytes()).decode("ascii") + '"' for r in arr]
+        rows = [b'"' + base64.b64encode(r.tobytes()) + b'"' for r in arr]
     else:
-        rows = _float_rows(vectors)
-    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{row}}}' for i, row in enumerate(rows))
-    usage = f'{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens}}}'
-    return f'{{"object":"list","data":[{data}],"model":{json.dumps(model_id)},"usage":{usage}}}'.encode()
+        rows = _float_rows(arr)
+    data = b",".join(b'{"object":"embedding","index":%d,"embedding":%s}' % (i, row) for i, row in enumerate(rows))
+    return b'{"object":"list","data":[%s],"model":%s,"usage":{"prompt_tokens":%d,"total_tokens":%d}}' % (
+        data,
+        dumps(model_id),
+        prompt_tokens,
+        prompt_tokens,
+    )
 
 
-def tei_embed_body(vectors: torch.Tensor) -> bytes:
+def tei_embed_body(vectors: torch.Tensor | np.ndarray) -> bytes:
     """``POST /embed`` answer: a JSON list of float lists."""
-    return ("[" + ",".join(_float_rows(vectors)) + "]").encode()
+    arr = _float32(vectors)
+    if orjson is not None:
+        return orjson.dumps(arr, option=orjson.OPT_SERIALIZE_NUMPY)
+    return b"[" + b",".join(_float_rows(arr)) + b"]"
 
 
 def scores_from_logits(logits: torch.Tensor, *, raw: bool, multi_label: bool) -> torch.Tensor:
@@ -103,7 +146,7 @@ def predict_body(scores: torch.Tensor, labels: tuple[str, ...], single: bool) ->
     for row in scores.tolist():
         order = sorted(range(len(row)), key=lambda j: -row[j])
         out.append([{"label": labels[j], "score": row[j]} for j in order])
-    return json.dumps(out[0] if single else out, separators=(",", ":")).encode()
+    return dumps(out[0] if single else out)
 
 
 def rerank_body(scores: list[float], texts: list[str] | None) -> bytes:
@@ -115,4 +158,4 @@ def rerank_body(scores: list[float], texts: list[str] | None) -> bytes:
         if texts is not None:
             item["text"] = texts[i]
         out.append(item)
-    return json.dumps(out, separators=(",", ":")).encode()
+    return dumps(out)

@@ -4,6 +4,11 @@ Bodies are parsed with ``Model.model_validate_json`` (pydantic's own JSON parser
 ``inputs``) are validated by hand so a wrong type gets one message that says what is accepted and what was sent,
 instead of one error per union member. Unknown fields are ignored (OpenAI clients send ``user``, for example).
 
+The two embedding endpoints take a faster road first (:func:`parse_embedding_call`): orjson, then hand checks that
+accept only what the pydantic schema accepts, with the same result; a body off that road (malformed, a wrong type,
+an unusual value) is handed to the pydantic schema, so every 422 message and every accepted edge case stays
+pydantic's.
+
 Accepted input forms, for both ``/v1/embeddings`` (``input``) and ``/embed`` (``inputs``):
 
 * a string, or a non-empty list of strings: texts, tokenized by the server;
@@ -16,6 +21,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
+
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a dependency; without it every body takes the pydantic road
+    orjson = None
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator
 
@@ -169,6 +179,90 @@ class PredictRequest(_Request):
             else:
                 raise ValueError(f"item {i} must be a string or a [text, text_pair] list of two strings")
         return False, items
+
+
+@dataclass(frozen=True)
+class EmbeddingCall:
+    """A validated ``POST /v1/embeddings`` or ``POST /embed`` request.
+
+    Attributes:
+        inputs: the texts or token-id lists.
+        encoding_format: ``"float"`` or ``"base64"`` (``/v1/embeddings``; ``/embed`` answers floats).
+        dimensions: the requested width, or ``None``.
+        normalize: ``/embed``'s flag (default true); ``None`` for ``/v1/embeddings`` (the model's config decides).
+        truncate: ``/embed``'s per-request truncation, or ``None`` (the server's default).
+    """
+
+    inputs: ParsedInputs
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    normalize: bool | None = None
+    truncate: bool | None = None
+
+
+_MISSING = object()
+
+
+def _opt(obj: dict, key: str, kind: type) -> object:
+    """``obj[key]`` when absent/null or exactly of ``kind``, else ``_MISSING`` (off the fast road)."""
+    value = obj.get(key)
+    return value if value is None or value.__class__ is kind else _MISSING
+
+
+def _fast_openai(obj: dict) -> EmbeddingCall | None:
+    value = obj.get("input", _MISSING)
+    fmt = obj.get("encoding_format", "float")
+    if value is _MISSING or fmt.__class__ is not str or fmt not in ("float", "base64"):
+        return None
+    if _opt(obj, "model", str) is _MISSING or _opt(obj, "user", str) is _MISSING:
+        return None
+    dims = _opt(obj, "dimensions", int)
+    if dims is _MISSING:
+        return None
+    try:
+        inputs = parse_embedding_inputs(value)
+    except ValueError:
+        return None
+    return EmbeddingCall(inputs, fmt, dims)
+
+
+def _fast_tei(obj: dict) -> EmbeddingCall | None:
+    value = obj.get("inputs", _MISSING)
+    normalize = obj.get("normalize", True)
+    direction = obj.get("truncation_direction", "right")
+    truncate, dims = _opt(obj, "truncate", bool), _opt(obj, "dimensions", int)
+    if value is _MISSING or normalize.__class__ is not bool or truncate is _MISSING or dims is _MISSING:
+        return None
+    if direction.__class__ is not str or direction not in ("right", "Right") or obj.get("prompt_name") is not None:
+        return None
+    try:
+        inputs = parse_embedding_inputs(value)
+    except ValueError:
+        return None
+    return EmbeddingCall(inputs, "float", dims, normalize, truncate)
+
+
+def parse_embedding_call(openai: bool, body: bytes) -> EmbeddingCall:
+    """Validate a ``/v1/embeddings`` (``openai``) or ``/embed`` body (see the module docstring).
+
+    Raises:
+        pydantic.ValidationError: the body is not a valid request (turn it into a message with
+            :func:`validation_message`).
+    """
+    if orjson is not None:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        if obj.__class__ is dict:
+            call = _fast_openai(obj) if openai else _fast_tei(obj)
+            if call is not None:
+                return call
+    if openai:
+        req = OpenAIEmbeddingRequest.model_validate_json(body)
+        return EmbeddingCall(req.input, req.encoding_format, req.dimensions)
+    tei = EmbedRequest.model_validate_json(body)
+    return EmbeddingCall(tei.inputs, "float", tei.dimensions, tei.normalize, tei.truncate)
 
 
 def _loc(loc: tuple) -> str:

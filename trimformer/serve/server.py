@@ -7,6 +7,7 @@ every accepted request finish, then shuts uvicorn down and exits with status 0. 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import socket
@@ -55,9 +56,17 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def fast_io() -> tuple[str, str]:
+    """uvicorn's ``(loop, http)``: uvloop and httptools when installed, else asyncio and h11."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    return loop, http
+
+
 def build_server(model: ServedModel, config: ServerConfig, **uvicorn_kwargs) -> DrainingServer:
     """A :class:`DrainingServer` for ``model`` (not started). Extra keyword arguments go to ``uvicorn.Config``."""
     app = create_app(model, config)
+    loop, http = fast_io()
     kwargs = {
         "host": config.host,
         "port": config.port,
@@ -65,6 +74,8 @@ def build_server(model: ServedModel, config: ServerConfig, **uvicorn_kwargs) -> 
         "access_log": config.access_log,
         "lifespan": "on",
         "timeout_keep_alive": 30,
+        "loop": loop,
+        "http": http,
     }
     kwargs.update(uvicorn_kwargs)
     return DrainingServer(uvicorn.Config(app, **kwargs), app.state.server)
@@ -89,7 +100,7 @@ def run_server(config: ServerConfig, *, sock: socket.socket | None = None) -> in
     )
     enc = model.encoder
     logger.info(
-        "trimformer %s model %s (%s, %s, %s) on http://%s:%d",
+        "trimformer %s model %s (%s, %s, %s) on http://%s:%d (%s loop, %s parser)",
         model.kind,
         model.model_id,
         enc.model_type,
@@ -97,6 +108,7 @@ def run_server(config: ServerConfig, *, sock: socket.socket | None = None) -> in
         enc.device,
         config.host,
         config.port,
+        *fast_io(),
     )
     server = build_server(model, config)
     server.run(sockets=[sock] if sock is not None else None)

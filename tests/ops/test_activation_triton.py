@@ -67,3 +67,17 @@ def test_inplace_writes_the_input_buffer():
 @pytest.mark.parametrize(("m", "n"), [(1, 3072), (4097, 3072), (300, 1536)])
 def test_bias_act_gpu(dtype, act, m, n):
     _check(m, n, act, dtype, "cuda")
+
+
+@pytest.mark.interpret
+def test_erf_gelu_relative_accuracy_in_the_tails():
+    """The erfc form keeps fp32-level relative accuracy where ``0.5 x (1 + erf(x / sqrt 2))`` cancels (x << 0)."""
+    x = torch.cat([torch.linspace(-14, 14, 20000), torch.randn(4000) * 3]).reshape(-1, 8)
+    out = bias_act(x, None, "gelu", impl="triton").double()
+    xd = x.double()
+    ref = xd * 0.5 * torch.special.erfc(-xd * 0.7071067811865476)  # fp64 1 + erf(x) cancels too for x < -8
+    assert (out - ref).abs().max().item() < 5e-7
+    tail = ref.abs() > 1e-30
+    assert ((out - ref).abs()[tail] / ref.abs()[tail]).max().item() < 2e-5
+    textbook = 0.5 * x * (1 + torch.erf(x * 0.7071067811865476))  # fp32, what the kernel used to compute
+    assert ((textbook.double() - ref).abs()[tail] / ref.abs()[tail]).max().item() > 0.5

@@ -77,3 +77,15 @@ def test_triton_refuses_autograd_inputs():
 @pytest.mark.parametrize(("t", "h"), [(1, 768), (4097, 768), (300, 384), (64, 1024), (17, 4096)])
 def test_fused_layernorm_gpu(dtype, t, h):
     _check(t, h, dtype, "cuda")
+
+
+def test_launch_shape_spreads_few_rows_over_the_sms():
+    """Few rows (B = 1 forwards): one row per program so that every SM gets work; many rows: ~4096 per program."""
+    from trimformer.ops.norm.layernorm import _launch_shape
+    from trimformer.ops.triton_utils import interpreting
+
+    budget = 2048 if interpreting() else 4096
+    assert _launch_shape(768, 512, 132) == (1024, 1, 4)  # 350 rows -> 350 programs, not 88
+    assert _launch_shape(768, 8192, 132) == (1024, budget // 1024, 4)
+    block, rows, _ = _launch_shape(64, 64, 4)
+    assert block == 64 and 1 < rows < budget // 64 and -(-64 // rows) >= 8

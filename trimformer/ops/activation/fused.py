@@ -1,9 +1,10 @@
 """Fused bias + activation forward (Triton): ``y = act(x + bias)`` in one pass, math in fp32.
 
 The epilogue math (:func:`apply_activation`) is shared with the GEMM epilogue of ``trimformer.ops.linear``: exact
-GELU uses ``erf`` (not the tanh approximation ByteTransformer and TEI substitute), the tanh GELU evaluates
-``tanh`` through ``exp`` in fp32. One program handles a ``[BLOCK_M, BLOCK_N]`` tile of a row-major ``[M, N]`` view,
-so the bias is loaded once per tile. Bytes: read ``x`` once, write ``y`` once (may be ``x`` itself).
+GELU is ``x * Phi(x)`` with the normal CDF from ``erfc`` (not the tanh approximation ByteTransformer and TEI
+substitute; see :func:`_gelu_erf`), the tanh GELU evaluates ``tanh`` through ``exp`` in fp32. One program handles
+a ``[BLOCK_M, BLOCK_N]`` tile of a row-major ``[M, N]`` view, so the bias is loaded once per tile. Bytes: read ``x``
+once, write ``y`` once (may be ``x`` itself).
 """
 
 from __future__ import annotations
@@ -31,6 +32,21 @@ def unsupported_reason(x: torch.Tensor, kind: str) -> str | None:
     return None
 
 
+#: compiled kernels take the reciprocal from the SFU in one instruction (``rcp.approx``, <= 1 ulp; the interpreter,
+#: which cannot run inline PTX, divides): ``1 / x`` would compile to a range-checked ``div.full`` of ~8 instructions.
+_HW_RCP = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def _rcp(x):
+    """``1 / x`` for fp32 ``x`` with ``|x|`` in [1, inf] (one SFU instruction when compiled)."""
+    if _HW_RCP:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)  # fmt: skip
+    else:
+        return 1.0 / x
+
+
 @triton.jit
 def _tanh(y):
     """``tanh`` in fp32 through ``exp`` (saturates cleanly: ``exp`` overflow gives exactly +-1)."""
@@ -38,10 +54,34 @@ def _tanh(y):
 
 
 @triton.jit
+def _gelu_erf(h):
+    """Exact (erf) GELU ``h * Phi(h)`` of fp32 ``h`` as ``max(h, 0) - |h| * Phi(-|h|)``.
+
+    ``Phi(-a) = erfc(a / sqrt 2) / 2 = t P(t) exp(-a^2 / 2)`` with ``t = 1 / (1 + 0.3048 a)`` and a degree-7
+    minimax polynomial ``P`` (relative error 6.7e-8 on ``a`` in [0, 14], fitted in float64 against scipy's erfc).
+    Evaluated in fp32: relative error <= 1e-5 everywhere (the fp32 rounding of ``a^2`` inside ``exp`` dominates for
+    large ``a``), absolute <= 3e-7 on [-14, 14]; the textbook ``0.5 h (1 + erf(h / sqrt 2))`` cancels for negative
+    ``h`` (100% relative error in the tail). About 17 instructions per element (2 on the SFU) against ~35 for
+    libdevice's ``erf``, which made a Triton GEMM with this epilogue 40% slower than without it on the H100.
+    """
+    a = tl.abs(h)
+    t = _rcp(1.0 + 0.3048 * a)
+    p = 0.0364712238 * t - 0.152453635
+    p = p * t + 0.18543732
+    p = p * t - 0.0376911086
+    p = p * t + 0.120902209
+    p = p * t + 0.103390131
+    p = p * t + 0.122383745
+    p = p * t + 0.121560082
+    q = p * t * tl.exp2(h * h * -0.7213475204444817)  # exp(-h^2 / 2) = 2^(-h^2 log2(e) / 2)
+    return tl.maximum(h, 0.0) - a * q
+
+
+@triton.jit
 def apply_activation(h, ACT: tl.constexpr):
     """``act(h)`` for fp32 ``h``; ``ACT`` is a code of :data:`ACT_CODES`."""
     if ACT == 1:
-        h = 0.5 * h * (1.0 + tl.erf(h * 0.7071067811865476))
+        h = _gelu_erf(h)
     elif ACT == 2:
         h = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
     elif ACT == 3:

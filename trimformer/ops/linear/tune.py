@@ -56,14 +56,12 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> l
     if dtype == torch.float32:
         return out
     if m <= 512:
-        out += [g(64, 64, 64, 8, 4, 4), g(64, 128, 64, 8, 4, 4), g(32, 64, 128, 1, 4, 4),
-                g(64, 128, 64, 8, 4, 4, tma=True), g(64, 64, 64, 8, 4, 4, tma=True), g(128, 64, 64, 8, 4, 4, tma=True),
-                g(64, 256, 64, 8, 4, 3, tma=True, split=2)]  # fmt: skip
+        out += [g(64, 64, 64, 8, 4, 4), g(64, 128, 64, 8, 4, 4, tma=True), g(64, 64, 64, 8, 4, 4, tma=True),
+                g(128, 64, 64, 8, 4, 4, tma=True), g(64, 128, 128, 8, 4, 3, tma=True)]  # fmt: skip
     else:
-        out += [g(128, 256, 64, 8, 8, 3, tma=True, split=2), g(128, 128, 64, 8, 4, 3, tma=True, split=2),
-                g(128, 128, 64, 8, 4, 3, True, tma=True, split=2, ctas_per_sm=2),
-                g(128, 256, 64, 8, 8, 3, True, tma=True, split=2), g(256, 128, 64, 8, 8, 3, tma=True, split=2),
-                g(64, 256, 64, 8, 4, 2, tma=True, split=2), g(128, 128, 64, 8, 4, 3, split=2)]  # fmt: skip
+        out += [g(128, 128, 64, 8, 4, 3, True, tma=True, split=2, ctas_per_sm=2),
+                g(128, 256, 64, 8, 8, 3, True, tma=True, split=2), g(128, 128, 64, 8, 8, 4, True, tma=True),
+                g(128, 128, 64, 8, 4, 3, tma=True, split=2), g(128, 256, 64, 8, 8, 3, tma=True, split=2)]  # fmt: skip
     seen: list[GemmConfig] = []
     for c in out:
         if c not in seen:

@@ -453,7 +453,10 @@ def _part_tuner(args, rec, log, md):
         rows.append([str(dtype).replace("torch.", ""), m, n, k, kind, times["cublas"], times[best],
                      times["cublas"] / times[best], cfg])  # fmt: skip
         rec.add(f"tune-M{m}-N{n}-K{k}", kind, "best", "ms", times[best], cublas_ms=times["cublas"], choice=cfg)
-    md.append('\n## GEMM choices of `linear(impl="auto")` (row bucket = next power of two; median ms of 7 calls)\n\n')
+    md.append(
+        '\n## GEMM choices of `linear(impl="auto")` (row bucket = next power of two; '
+        "ms per call: median of 7 CUDA-graph replays)\n\n"
+    )
     md.append(markdown_table(["dtype", "M bucket", "N", "K", "act", "cuBLAS path ms", "chosen ms", "speedup",
                               "choice"], rows))  # fmt: skip
 

@@ -9,9 +9,11 @@ of 60-254 tokens, as in ``bench embed-cpu``), shuffled with a fixed seed. Steps,
 2. ``trimformer serve`` in a subprocess on a free loopback port (``--truncate``, limits raised so nothing is
    refused), checked against sentence-transformers fp32 (min cosine over the first 256 texts).
 3. An asyncio load generator (keep-alive HTTP/1.1 connections on asyncio streams; see :func:`_load` for why not
-   httpx): for each ``--texts-per-request`` and each ``--concurrency``, that many clients send back-to-back
-   ``POST /v1/embeddings`` requests of consecutive corpus texts (``encoding_format`` base64 by default, what the
-   official openai client asks for) for ``--duration`` seconds after ``--warmup`` seconds. Texts/s and tokens/s
+   httpx), its clients spread over ``--client-procs`` processes (default ``min(4, cores // 4)``) so that at high
+   request rates it measures the server and not itself; the client processes' and the server's CPU use are
+   recorded with each point. For each ``--texts-per-request`` and each ``--concurrency``, that many clients send
+   back-to-back ``POST /v1/embeddings`` requests of consecutive corpus texts (``encoding_format`` base64 by default,
+   what the official openai client asks for) for ``--duration`` seconds after ``--warmup`` seconds. Texts/s and tokens/s
    count answered texts over the wall time from the first send to the last answer; latency is per request (p50,
    p99). Every answer is checked for status 200 and one row per text.
 
@@ -52,8 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-offline", action="store_true", help="skip the offline baselines")
     parser.add_argument("--server-timeout", type=float, default=300.0, help="seconds to wait for the server")
     parser.add_argument("--server-log", default=None, help="file for the server's output (default: a temp file)")
+    parser.add_argument(
+        "--client-procs", type=int, default=None, help="load-generator processes (default: min(4, cores // 4), >= 1)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replot", action="store_true", help="only re-render serve.png from the last run's rows")
+
+
+def default_client_procs() -> int:
+    """Load-generator processes: a quarter of the cores, 1 to 4 (the rest is left to the server)."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -191,25 +201,41 @@ def _request_bytes(host: str, texts: list[str], fmt: str) -> bytes:
     return head.encode() + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
 
 
-async def _load(url: str, requests: list[bytes], sizes: list[int], tokens: list[int], concurrency: int, seconds: float):
-    """``concurrency`` keep-alive connections send back-to-back requests for ``seconds``.
+async def _load(
+    url: str,
+    requests: list[bytes],
+    sizes: list[int],
+    tokens: list[int],
+    concurrency: int,
+    seconds: float,
+    start_at: float | None = None,
+    first: int = 0,
+) -> dict:
+    """``concurrency`` keep-alive connections send back-to-back requests for ``seconds`` from ``start_at``
+    (``time.monotonic()``, shared by every client process; default: now), starting at request ``first``.
 
-    Returns ``(texts, tokens, wall seconds, latencies, errors)``; an answer counts when its status is 200 and it
-    holds one embedding per text. The client is plain asyncio streams: measured here, one ``httpx.AsyncClient``
-    (or one per connection) collapses at 64+ connections (86 req/s on ``/health`` at 64 connections on a 2-core
-    machine where these streams did 2,283), so httpx would measure itself rather than the server.
+    Returns ``{"texts", "tokens", "latencies", "errors", "first_send", "last_answer", "cpu"}`` (monotonic times,
+    this process's CPU seconds); an answer counts when its status is 200 and it holds one embedding per text. The
+    client is plain asyncio streams: measured here, one ``httpx.AsyncClient`` (or one per connection) collapses at
+    64+ connections (86 req/s on ``/health`` at 64 connections on a 2-core machine where these streams did 2,283),
+    so httpx would measure itself rather than the server.
     """
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    counter = iter(range(10**12))
+    counter = iter(range(first, 10**12))
     latencies: list[float] = []
-    done = {"texts": 0, "tokens": 0, "errors": 0}
+    done = {"texts": 0, "tokens": 0, "errors": 0, "last": 0.0}
+    conns = [await asyncio.open_connection(host, int(port)) for _ in range(concurrency)]
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    start = time.monotonic()
+    deadline = start + seconds
+    cpu0 = time.process_time()
 
-    async def client() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
+    async def client(reader, writer) -> None:
         try:
-            while time.perf_counter() < deadline:
+            while time.monotonic() < deadline:
                 k = next(counter) % len(requests)
-                t0 = time.perf_counter()
+                t0 = time.monotonic()
                 writer.write(requests[k])
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = 0
@@ -217,7 +243,9 @@ async def _load(url: str, requests: list[bytes], sizes: list[int], tokens: list[
                     if line[:15].lower() == b"content-length:":
                         length = int(line[15:])
                 body = await reader.readexactly(length)
-                latencies.append(time.perf_counter() - t0)
+                t1 = time.monotonic()
+                latencies.append(t1 - t0)
+                done["last"] = max(done["last"], t1)
                 if head[9:12] == b"200" and body.count(b'"object":"embedding"') == sizes[k]:
                     done["texts"] += sizes[k]
                     done["tokens"] += tokens[k]
@@ -226,11 +254,95 @@ async def _load(url: str, requests: list[bytes], sizes: list[int], tokens: list[
         finally:
             writer.close()
 
-    start = time.perf_counter()
-    deadline = start + seconds
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    return done["texts"], done["tokens"], wall, latencies, done["errors"]
+    await asyncio.gather(*(client(r, w) for r, w in conns))
+    return {
+        "texts": done["texts"], "tokens": done["tokens"], "latencies": latencies, "errors": done["errors"],
+        "first_send": start, "last_answer": max(done["last"], start), "cpu": time.process_time() - cpu0,
+    }  # fmt: skip
+
+
+def _client_main(conn) -> None:
+    """A client process: ``("requests", reqs, sizes, tokens)`` stores the workload, ``("run", url, clients,
+    seconds, start_at, first)`` answers with :func:`_load`'s dict (or ``{"error": text}``), ``None`` ends it."""
+    reqs = sizes = tokens = None
+    while (msg := conn.recv()) is not None:
+        if msg[0] == "requests":
+            reqs, sizes, tokens = msg[1:]
+            continue
+        _, url, clients, seconds, start_at, first = msg
+        try:
+            conn.send(asyncio.run(_load(url, reqs, sizes, tokens, clients, seconds, start_at, first)))
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+class LoadGenerator:
+    """Clients spread over ``procs`` processes (one asyncio event loop each), so that at high request rates the
+    load generator does not measure itself; ``procs == 1`` runs in this process."""
+
+    def __init__(self, procs: int) -> None:
+        import multiprocessing as mp
+
+        self.procs = procs
+        self._workers = []
+        if procs > 1:
+            ctx = mp.get_context("spawn")  # the bench process holds torch threads: no fork
+            for _ in range(procs):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_client_main, args=(child,), daemon=True)
+                proc.start()
+                self._workers.append((proc, parent))
+
+    def set_requests(self, reqs: list[bytes], sizes: list[int], tokens: list[int]) -> None:
+        self._reqs, self._sizes, self._tokens = reqs, sizes, tokens
+        for _, conn in self._workers:
+            conn.send(("requests", reqs, sizes, tokens))
+
+    def run(self, url: str, concurrency: int, seconds: float) -> dict:
+        """One point: ``{"texts", "tokens", "wall", "latencies", "errors", "client_cpu"}`` (``wall``: first send
+        to last answer over all processes; ``client_cpu``: CPU seconds of the client processes)."""
+        if not self._workers:
+            parts = [asyncio.run(_load(url, self._reqs, self._sizes, self._tokens, concurrency, seconds))]
+        else:
+            share = [concurrency // self.procs + (i < concurrency % self.procs) for i in range(self.procs)]
+            start_at = time.monotonic() + 0.3 + 0.002 * concurrency  # after every process has connected
+            active = []
+            for i, ((_, conn), n) in enumerate(zip(self._workers, share)):
+                if n:
+                    first = i * len(self._reqs) // self.procs
+                    conn.send(("run", url, n, seconds, start_at, first))
+                    active.append(conn)
+            parts = [conn.recv() for conn in active]
+            failed = [p["error"] for p in parts if "error" in p]
+            if failed:
+                raise ValueError(f"a client process failed: {failed[0]}")
+        return {
+            "texts": sum(p["texts"] for p in parts),
+            "tokens": sum(p["tokens"] for p in parts),
+            "wall": max(p["last_answer"] for p in parts) - min(p["first_send"] for p in parts),
+            "latencies": [x for p in parts for x in p["latencies"]],
+            "errors": sum(p["errors"] for p in parts),
+            "client_cpu": sum(p["cpu"] for p in parts),
+        }
+
+    def close(self) -> None:
+        for proc, conn in self._workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` and its threads (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -259,6 +371,8 @@ def run(args) -> int:
         raise ValueError(f"the serve suite needs httpx and sentence-transformers: {exc}") from None
     concurrency = _ints(args.concurrency, "--concurrency")
     per_request = _ints(args.texts_per_request, "--texts-per-request")
+    if args.client_procs is not None and args.client_procs <= 0:
+        raise ValueError(f"--client-procs must be positive, got {args.client_procs}")
     if args.texts <= 0 or args.duration <= 0 or args.warmup < 0 or args.st_repeats <= 0:
         raise ValueError("--texts, --duration and --st-repeats must be positive, --warmup non-negative")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -287,32 +401,47 @@ def run(args) -> int:
 
     log_path = Path(args.server_log or Path(tempfile.mkdtemp(prefix="trimformer-bench-serve-")) / "server.log")
     proc, url = _start_server(args, path, device, dtype, log_path)
+    procs = args.client_procs or default_client_procs()
+    clients = LoadGenerator(procs)
     points, failure = [], None
     try:
         min_cos = _check_server(url, texts[:256], path, device)
         for tpr in per_request:
             starts = range(0, len(texts) - tpr + 1, tpr)
             reqs = [_request_bytes("127.0.0.1", texts[i : i + tpr], args.encoding_format) for i in starts]
-            sizes, req_tokens = [tpr] * len(reqs), [sum(lengths[i : i + tpr]) for i in starts]
+            clients.set_requests(reqs, [tpr] * len(reqs), [sum(lengths[i : i + tpr]) for i in starts])
             for c in concurrency:
                 if args.warmup > 0:
-                    asyncio.run(_load(url, reqs, sizes, req_tokens, c, args.warmup))
-                n_texts, n_tok, wall, lat, errors = asyncio.run(_load(url, reqs, sizes, req_tokens, c, args.duration))
-                if errors:
-                    raise ValueError(f"{errors} request(s) failed at concurrency {c}; server log: {log_path}")
+                    clients.run(url, c, args.warmup)
+                cpu0 = _cpu_seconds(proc.pid)
+                r = clients.run(url, c, args.duration)
+                cpu1 = _cpu_seconds(proc.pid)
+                if r["errors"]:
+                    raise ValueError(f"{r['errors']} request(s) failed at concurrency {c}; server log: {log_path}")
+                lat, wall = r["latencies"], r["wall"]
+                server_cores = None if cpu0 is None or cpu1 is None else round((cpu1 - cpu0) / wall, 3)
+                client_cores = round(r["client_cpu"] / wall, 3)
                 params = {**common, "dtype": dtype, "concurrency": c, "texts_per_request": tpr}
                 params.update(requests=len(lat), encoding=args.encoding_format, min_cosine_vs_st=round(min_cos, 6))
+                params.update(client_procs=procs, client_cpu_cores=client_cores, server_cpu_cores=server_cores)
                 case = f"c{c}-t{tpr}"
-                rec.add(case, "trimformer-serve", "texts_per_s", "texts/s", n_texts / wall, **params)
-                rec.add(case, "trimformer-serve", "tokens_per_s", "tokens/s", n_tok / wall, **params)
+                rec.add(case, "trimformer-serve", "texts_per_s", "texts/s", r["texts"] / wall, **params)
+                rec.add(case, "trimformer-serve", "tokens_per_s", "tokens/s", r["tokens"] / wall, **params)
                 rec.add(case, "trimformer-serve", "latency_ms", "ms", [x * 1e3 for x in lat], **params)
                 p99 = _percentile(lat, 0.99) * 1e3
                 rec.add(case, "trimformer-serve", "latency_p99_ms", "ms", p99, **params)
-                points.append((tpr, c, n_texts / wall, n_tok / wall, _percentile(lat, 0.5) * 1e3, p99, len(lat)))
-                print(f"texts/request {tpr}, concurrency {c}: {n_texts / wall:,.0f} texts/s, p99 {p99:.1f} ms")
+                tps = r["texts"] / wall
+                p50 = _percentile(lat, 0.5) * 1e3
+                points.append((tpr, c, tps, r["tokens"] / wall, p50, p99, len(lat), client_cores, server_cores))
+                print(
+                    f"texts/request {tpr}, concurrency {c}: {tps:,.0f} texts/s, p99 {p99:.1f} ms "
+                    f"(client CPU {client_cores:.2f} cores over {procs} process(es), server CPU "
+                    f"{'-' if server_cores is None else f'{server_cores:.2f}'} cores)"
+                )
     except (ValueError, OSError, asyncio.IncompleteReadError) as exc:
         failure = exc  # keep the points measured so far: they are written below, then the error is raised
     finally:
+        clients.close()
         rc = _stop_server(proc)
     if rc != 0 and failure is None:
         failure = ValueError(f"the server exited with {rc} after SIGTERM (log: {log_path})")
@@ -370,20 +499,24 @@ def _render(rec, points, offline, n_texts, n_tokens, common, dtype, args) -> tup
         off_rows.append((provider, dt, budget, len(secs), n_texts / sec, n_tokens / sec, ratio))
     headers = ("texts/request", "clients", "requests", "texts/s", "tokens/s", "p50 ms", "p99 ms")
     headers += (f"vs ST {dtype} offline",) + (("vs ST float32 offline",) if dtype != "float32" else ())
+    headers += ("client CPU cores", "server CPU cores")
     rows = []
-    for tpr, c, tps, toks, p50, p99, nreq in points:
+    for tpr, c, tps, toks, p50, p99, nreq, client_cores, server_cores in points:
         ratios = [f"{tps / st_same:.2f}x" if st_same else "-"]
         if dtype != "float32":
             ratios.append(f"{tps / st32:.2f}x" if st32 else "-")
-        rows.append((tpr, c, nreq, tps, toks, p50, p99, *ratios))
+        cpu = (f"{client_cores:.2f}", "-" if server_cores is None else f"{server_cores:.2f}")
+        rows.append((tpr, c, nreq, tps, toks, p50, p99, *ratios, *cpu))
     lines = [
         f"# {SUITE}: HTTP embedding server under load",
         "",
         f"{n_texts} texts ({common['short_frac']:.0%} queries of 5-30 tokens, the rest passages of 60-256 tokens), "
         f"{n_tokens:,} tokens with special tokens; model {common['model']}; server `trimformer serve --device "
         f"{common['device_kind']} --dtype {dtype} --max-batch-tokens {args.max_batch_tokens}` in a subprocess on "
-        f"loopback; clients: asyncio keep-alive connections, back-to-back `POST /v1/embeddings` (encoding_format "
-        f"{args.encoding_format}), {args.warmup:g} s warm-up then {args.duration:g} s timed per point.",
+        f"loopback; clients: asyncio keep-alive connections spread over {args.client_procs or default_client_procs()} "
+        f"process(es), back-to-back `POST /v1/embeddings` (encoding_format {args.encoding_format}), {args.warmup:g} s "
+        f"warm-up then {args.duration:g} s timed per point. CPU cores = CPU seconds used over the point's wall time "
+        "(the client processes' together; the server process with all its threads).",
         "",
         "## Offline (one process, no HTTP)",
         "",
@@ -401,7 +534,7 @@ def _render(rec, points, offline, n_texts, n_tokens, common, dtype, args) -> tup
         "",
     ]
     summary = []
-    for tpr, c, tps, _, p50, p99, _ in points:
+    for tpr, c, tps, _, p50, p99, *_ in points:
         vs = f" = {tps / st_same:.2f}x ST {dtype}" if st_same else ""
         summary.append(f"{tpr} text(s)/request, {c} clients: {tps:,.0f} texts/s{vs}, p50 {p50:.1f}, p99 {p99:.1f} ms")
     return "\n".join(lines), "\n".join(summary)

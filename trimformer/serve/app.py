@@ -210,7 +210,7 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> ServeA
             logits = await run_job(state, job, request.receive)
         except ValueError as exc:  # the tokenizer refused the inputs
             raise ServeError(422, str(exc), "validation") from None
-        return logits, job.num_tokens
+        return torch.from_numpy(logits), job.num_tokens
 
     @app.post("/rerank")
     async def rerank(request: Request) -> Response:

@@ -43,6 +43,11 @@ _UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 
 
 # ---------------------------------------------------------------------------------------------------- shared
+#: Seconds a request waits for its result before a disconnect watcher starts: most answers come sooner, and a
+#: watcher (an asyncio task reading ``receive``) per request costs the event loop more than the rest of the handler.
+WATCH_AFTER = 0.02
+
+
 async def _wait_disconnect(receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -56,14 +61,26 @@ def _client_left(job: Job, watcher: asyncio.Task) -> None:
         job.future.set_exception(ClientGone())
 
 
+def _watch(job: Job, receive) -> None:
+    if not job.future.done():
+        # receive() now returns only at disconnect or once the response is complete (then the job is done: no-op)
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        watcher.add_done_callback(functools.partial(_client_left, job))
+
+
 async def run_job(state, job: Job, receive):
     """Submit ``job`` to the batcher and wait for its result; :class:`ClientGone` when the client disconnects
-    first (the job is cancelled: rows not yet taken are never computed). Call after the request body was read."""
+    first (the job is cancelled: rows not yet taken are never computed). Call after the request body was read.
+
+    The disconnect watcher starts after :data:`WATCH_AFTER` seconds without a result, so a client that leaves is
+    noticed within that delay of leaving or of its request being queued, whichever is later.
+    """
     state.batcher.submit(job)
-    # receive() now returns only at disconnect or once the response is complete (then the job is done: no-op)
-    watcher = asyncio.ensure_future(_wait_disconnect(receive))
-    watcher.add_done_callback(functools.partial(_client_left, job))
-    return await job.future
+    timer = job.loop.call_later(WATCH_AFTER, _watch, job, receive)
+    try:
+        return await job.future
+    finally:
+        timer.cancel()
 
 
 def _header_values(scope) -> tuple[bytes | None, bytes | None]:

@@ -11,8 +11,9 @@ path and off the event loop. A job that arrives as token ids skips the stage.
 The model worker takes a *window*: sequences from the head of the FIFO model queue, in arrival order, until
 ``max_batch_tokens`` valid tokens are taken (a request may be split over several windows; a sequence longer than the
 budget gets a window of its own). The model call packs the window without padding, and each result row goes back
-to the job it came from (L2-normalised in the worker when the job asks for it). Finished jobs of a window are
-resolved together: one ``loop.call_soon_threadsafe`` per event loop and window, not one per job.
+to the job it came from as a numpy float32 array (L2-normalised in the worker when the job asks for it). Finished
+jobs of a window are resolved together: one ``loop.call_soon_threadsafe`` per event loop and window, not one per
+job. Handing a job to a thread costs the event loop a deque append, and a notify only when that thread sleeps.
 
 Isolation: a row depends only on its own tokens (packed attention never mixes sequences). When a model call fails,
 each job of the window is run again alone, so only the job that fails alone gets the error (HTTP 500) and its
@@ -31,8 +32,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from trimformer.engine.tokenization import Tokenized
 
@@ -59,7 +60,7 @@ class Job:
         kind: ``"embed"`` or ``"classify"``; a window holds one kind.
         input_ids: ``N`` token-id lists, or ``None`` until the tokenizer stage fills them (``texts``/``prepare``).
         token_type_ids: ``N`` segment-id lists, or ``None``.
-        future: resolved with the ``[N, D]`` float32 CPU tensor (rows in input order) or an exception:
+        future: resolved with the ``[N, D]`` float32 numpy array (rows in input order) or an exception:
             :class:`ModelError`, or whatever ``prepare``/the tokenizer/``check`` raised.
         loop: the event loop that owns ``future``.
         texts: raw texts, tokenized by the stage together with other jobs' texts.
@@ -83,7 +84,7 @@ class Job:
     num_tokens: int = 0
     taken: int = 0
     done: int = 0
-    result: torch.Tensor | None = None
+    result: np.ndarray | None = None
     cancelled: bool = False
     failed: bool = False
     submitted_at: float = 0.0
@@ -165,11 +166,13 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.metrics = metrics
         self.tokenizer_threads = tokenizer_threads
+        # deque appends/pops are atomic: the event loop appends without the lock and notifies only a sleeping thread
+        # (a thread sets its flag under the lock *before* it looks at its queue, so no job is left unnoticed)
         self._inbox: deque[Job] = deque()
-        self._inbox_texts = 0
         self._queue: deque[Job] = deque()
-        self._queued = 0  # sequences waiting in the model queue (not yet taken)
-        self._cond = threading.Condition()  # guards both queues and the counters
+        self._cond = threading.Condition()  # guards the sleeping flags, the counters and the window's queue head
+        self._stage_sleeping = 0
+        self._worker_sleeping = False
         self._stopping = False
         self._stage_alive = 0
         self._thread: threading.Thread | None = None
@@ -200,23 +203,26 @@ class Batcher:
                 raise ValueError("this batcher has no tokenizer for jobs with texts")
         if len(job) == 0:
             raise ValueError("a job needs at least one sequence")
+        if self._stopping:
+            raise RuntimeError("the batcher is stopped")
         job.submitted_at = time.perf_counter()
-        with self._cond:
-            if self._stopping:
-                raise RuntimeError("the batcher is stopped")
-            if job.needs_tokens:
-                self._inbox.append(job)
-                self._inbox_texts += len(job)
-            else:
-                self._queue.append(job)
-                self._queued += len(job)
-            self._cond.notify_all()
+        if job.needs_tokens:
+            self._inbox.append(job)
+            if self._stage_sleeping:
+                with self._cond:
+                    self._cond.notify_all()
+        else:
+            self._queue.append(job)
+            if self._worker_sleeping:
+                with self._cond:
+                    self._cond.notify_all()
         return job.future
 
     @property
     def queue_depth(self) -> int:
         """Sequences waiting for the model (texts still to tokenize included; not the window being computed)."""
-        return self._queued + self._inbox_texts
+        queued = sum(len(job) - job.taken for job in list(self._queue))
+        return queued + sum(len(job) for job in list(self._inbox))
 
     @property
     def queued_jobs(self) -> int:
@@ -250,8 +256,10 @@ class Batcher:
         try:
             while True:
                 with self._cond:
+                    self._stage_sleeping += 1
                     while not self._inbox and not self._stopping:
                         self._cond.wait()
+                    self._stage_sleeping -= 1
                     if not self._inbox:
                         return
                     jobs = self._take_inbox()
@@ -267,7 +275,6 @@ class Batcher:
         jobs, texts = [], 0
         while self._inbox and (not jobs or texts + len(self._inbox[0]) <= MAX_TOKENIZE_TEXTS):
             job = self._inbox.popleft()
-            self._inbox_texts -= len(job)
             texts += len(job)
             jobs.append(job)
         return jobs
@@ -337,11 +344,10 @@ class Batcher:
                 continue
             ready.append(job)
         if ready:
-            with self._cond:
-                for job in ready:
-                    self._queue.append(job)
-                    self._queued += len(job)
-                self._cond.notify_all()
+            self._queue.extend(ready)
+            if self._worker_sleeping:
+                with self._cond:
+                    self._cond.notify_all()
         if answers:
             _post_many(answers)
 
@@ -349,8 +355,10 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
+                self._worker_sleeping = True
                 while not self._queue and not (self._stopping and self._stage_alive == 0):
                     self._cond.wait()
+                self._worker_sleeping = False
                 if not self._queue:
                     return
                 window = self._take_window()
@@ -361,7 +369,6 @@ class Batcher:
         """Remove the head job (cancelled or failed) with its untaken rows (caller holds the lock)."""
         self._queue.popleft()
         left = len(job) - job.taken
-        self._queued -= left
         if job.cancelled and self.metrics is not None:
             self.metrics.dropped_sequences(left)
 
@@ -390,7 +397,6 @@ class Batcher:
                 waits.append(now - job.submitted_at)
             window.append((job, start, end))
             job.taken = end
-            self._queued -= end - start
             if end < len(lengths):
                 break  # budget full inside this job
             self._queue.popleft()
@@ -445,7 +451,10 @@ class Batcher:
 
     def _scatter(self, window: list[tuple[Job, int, int]], out: torch.Tensor) -> list[tuple[Job, object]]:
         """Copy each segment's rows into its job; the jobs now complete, with their results."""
-        normed = F.normalize(out, p=2.0, dim=-1) if any(job.normalize for job, _, _ in window) else None
+        out = np.ascontiguousarray(out.numpy(), dtype=np.float32)
+        normed = None
+        if any(job.normalize for job, _, _ in window):  # as F.normalize: x / max(||x||, 1e-12)
+            normed = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         finished = []
         offset = 0
         for job, start, end in window:
@@ -458,7 +467,7 @@ class Batcher:
                 job.result = rows  # the whole job in this window: a view, no copy
             else:
                 if job.result is None:
-                    job.result = torch.empty(len(job), out.shape[1], dtype=out.dtype)
+                    job.result = np.empty((len(job), out.shape[1]), dtype=out.dtype)
                 job.result[start:end] = rows
             job.done += n
             if job.done == len(job):

@@ -14,7 +14,8 @@ Metric names (all prefixed ``trimformer_``):
 * ``cancelled_requests_total``, ``dropped_sequences_total`` (never computed because the client left),
   ``model_errors_total`` (failed model calls), ``rejected_requests_total{reason}`` (429/503/413/422/401...).
 
-Everything is guarded by one lock: the model worker thread and the event loop both record.
+Recording from the model worker and tokenizer threads is guarded by one lock; per-request counters are written by the
+event loop only (which also renders), without it.
 """
 
 from __future__ import annotations
@@ -182,12 +183,12 @@ class Metrics:
 
     # ------------------------------------------------------------------ recording
     def request(self, endpoint: str, status: int, seconds: float) -> None:
+        """One answered request. Called on the event loop only (as :meth:`render`), so it takes no lock."""
         key = self._keys.get((endpoint, status))
         if key is None:
             key = self._keys[(endpoint, status)] = ((endpoint, str(status)), (endpoint,))
-        with self._lock:
-            self.requests.inc(key[0])
-            self.request_duration.observe(seconds, key[1])
+        self.requests.inc(key[0])
+        self.request_duration.observe(seconds, key[1])
 
     def served(self, endpoint: str, inputs: int, tokens: int) -> None:
         key = (endpoint,)

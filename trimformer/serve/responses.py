@@ -93,7 +93,12 @@ def error_body(path: str, status: int, message: str, kind: str) -> bytes:
 
 def _float32(vectors: torch.Tensor | np.ndarray) -> np.ndarray:
     arr = vectors.numpy() if isinstance(vectors, torch.Tensor) else vectors
-    return np.ascontiguousarray(arr, dtype="<f4")
+    if arr.dtype == _F32 and arr.flags.c_contiguous:
+        return arr
+    return np.ascontiguousarray(arr, dtype=_F32)
+
+
+_F32 = np.dtype("<f4")
 
 
 def _float_rows(arr: np.ndarray) -> list[bytes]:

@@ -76,6 +76,9 @@ def build_server(model: ServedModel, config: ServerConfig, **uvicorn_kwargs) -> 
         "timeout_keep_alive": 30,
         "loop": loop,
         "http": http,
+        # X-Forwarded-For only changes the client address of access-log lines; parsing it costs every request
+        "proxy_headers": config.access_log,
+        "server_header": False,
     }
     kwargs.update(uvicorn_kwargs)
     return DrainingServer(uvicorn.Config(app, **kwargs), app.state.server)

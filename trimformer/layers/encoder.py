@@ -5,14 +5,16 @@ functional ops so kernels can be swapped without touching models:
 
     qkv  = linear(x, W_qkv, b_qkv)               # one fused GEMM, W_qkv [3H, H]: qkv [T, 3, heads, head_dim]
     a    = varlen_attention(q, k, v, cu_seqlens, max_seqlen)   # q, k, v: strided views of qkv, no copies
-    x    = add_layer_norm(linear(a, W_o), x, x_bias=b_o)       # LayerNorm(a W_o + b_o + x), one fused kernel
+    x    = linear_add_layer_norm(a, W_o, b_o, x, ln1)          # LayerNorm(a W_o + b_o + x): GEMM + one fused kernel
     f    = linear(x, W_1, b_1, act)                            # [T, I], bias + activation fused after the GEMM
-    out  = add_layer_norm(linear(f, W_2), x, x_bias=b_2)
+    out  = linear_add_layer_norm(f, W_2, b_2, x, ln2)
 
 On CUDA (``impl="auto"``) that is cuBLAS for the GEMMs, the Triton varlen attention kernel reading Q, K and V
 straight out of the fused QKV output, the fused bias + residual + LayerNorm kernel, and the fused bias + exact GELU
 kernel after the FFN GEMM (a Triton GEMM with that epilogue exists, ``linear(impl="triton")``, but measured slower
-than cuBLAS on the H100): 8 kernels per layer, no host syncs. On CPU every op takes its PyTorch path with in-place
+than cuBLAS on the H100): 8 kernels per layer, no host syncs. Below 512 tokens the out-projection and FFN2 may
+instead run as a split-K Triton GEMM whose fp32 partial products the add + LayerNorm kernel sums (measured per
+shape, ``linear_add_layer_norm``); still two kernels each. On CPU every op takes its PyTorch path with in-place
 epilogues on the GEMM temporaries.
 """
 
@@ -23,8 +25,7 @@ from torch import nn
 
 from trimformer.ops.activation import canonical_activation
 from trimformer.ops.attention import varlen_attention
-from trimformer.ops.linear import linear
-from trimformer.ops.norm import add_layer_norm
+from trimformer.ops.linear import linear, linear_add_layer_norm
 
 
 class EncoderLayer(nn.Module):
@@ -97,24 +98,24 @@ class EncoderLayer(nn.Module):
         t, impl = x.shape[0], self.impl
         qkv = linear(x, self.qkv.weight, self.qkv.bias, impl=impl).view(t, 3, self.num_heads, self.head_dim)
         attn = varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, max_seqlen, impl=impl)
-        h = add_layer_norm(
-            linear(attn.reshape(t, self.hidden_size), self.out.weight, impl=impl),
+        h = linear_add_layer_norm(
+            attn.reshape(t, self.hidden_size),
+            self.out.weight,
+            self.out.bias,
             x,
             self.attn_norm.weight,
             self.attn_norm.bias,
             eps=self.eps,
-            x_bias=self.out.bias,
-            inplace=True,
             impl=impl,
         )
         f = linear(h, self.ffn_in.weight, self.ffn_in.bias, self.activation, impl=impl)
-        return add_layer_norm(
-            linear(f, self.ffn_out.weight, impl=impl),
+        return linear_add_layer_norm(
+            f,
+            self.ffn_out.weight,
+            self.ffn_out.bias,
             h,
             self.ffn_norm.weight,
             self.ffn_norm.bias,
             eps=self.eps,
-            x_bias=self.ffn_out.bias,
-            inplace=True,
             impl=impl,
         )

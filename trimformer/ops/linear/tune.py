@@ -24,11 +24,14 @@ from collections.abc import Callable
 
 import torch
 
-from trimformer.ops.linear.gemm import GemmConfig, default_config, linear_fwd
+from trimformer.ops.linear.gemm import GemmConfig, SplitKConfig, default_config, default_split_k_config, linear_fwd
 from trimformer.ops.triton_utils import next_power_of_2, num_sms
 
-#: ``None`` = cuBLAS + fused bias-activation kernel; a :class:`GemmConfig` = the Triton GEMM with that config.
-Choice = GemmConfig | None
+#: ``None`` = cuBLAS + fused bias-activation kernel (or + add_layer_norm); a :class:`GemmConfig` = the Triton GEMM
+#: with that config; a :class:`SplitKConfig` = split-K Triton GEMM reduced in the add + LayerNorm kernel.
+Choice = GemmConfig | SplitKConfig | None
+#: the ``kind`` of :func:`tune_key` for ``linear_add_layer_norm`` (GEMM + bias + residual + LayerNorm)
+ADD_LN = "add_layer_norm"
 _CHOICES: dict[tuple, Choice] = {}
 #: what the last searches measured, ``key -> {candidate name: ms}`` (benchmarks report it).
 MEASURED: dict[tuple, dict[str, float]] = {}
@@ -167,6 +170,61 @@ def choose(
     return best[1]
 
 
+def split_k_candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[SplitKConfig]:
+    """Split-K configurations worth timing for ``linear_add_layer_norm`` at this shape (default first).
+
+    Small ``M`` x ``N = H`` grids leave most SMs idle (``M = 300``, ``N = 768``, 64 x 64 tiles: 60 programs on
+    132 SMs, each looping over all of ``K``): cutting ``K`` into 2-6 chunks multiplies the programs.
+    """
+    s = SplitKConfig
+    out = [default_split_k_config(m, n, k, dtype, sms)]
+    if dtype != torch.float32:
+        for splits in (2, 3, 4, 6):
+            out += [s(64, 64, 64, 8, 4, 4, splits, tma=True), s(64, 128, 64, 8, 4, 4, splits, tma=True)]
+        out += [s(64, 64, 64, 8, 4, 4, 4), s(128, 64, 64, 8, 4, 3, 4, tma=True)]
+    return [c for i, c in enumerate(out) if c not in out[:i] and c.splits <= max(1, k // c.block_k)]
+
+
+def choose_split_k(
+    x: torch.Tensor, weight: torch.Tensor, run: Callable[[SplitKConfig | None], object]
+) -> SplitKConfig | None:
+    """The remembered (or, when allowed, newly measured) choice for ``linear_add_layer_norm`` on ``x [M, K]``,
+    ``weight [N, K]``: ``None`` (cuBLAS, then the add + LayerNorm kernel) or a split-K configuration.
+
+    Args:
+        x: ``[M, K]`` CUDA fp16/bf16 input; weight: ``[N, K]``.
+        run: ``run(choice)`` computes the whole op once with that choice on the real operands (graph-capturable).
+
+    Returns:
+        ``None`` for the cuBLAS path, else the split-K configuration to use.
+    """
+    k, n = x.shape[-1], weight.shape[0]
+    m = x.numel() // k
+    key = tune_key(m, n, k, ADD_LN, x.dtype, x.device)
+    if key in _CHOICES:
+        return _CHOICES[key]  # type: ignore[return-value]
+    if not can_search(x):
+        return None
+    calls = graph_calls(m, n, k)
+    times: dict[str, float] = {"cublas": graph_ms(lambda: run(None), calls, x.device)}
+    ref = run(None).float()
+    tol = 1e-2 * ref.abs().max().item() + 1e-3
+    best: tuple[float, SplitKConfig | None] = (times["cublas"], None)
+    for cfg in split_k_candidates(m, n, k, x.dtype, num_sms(x.device)):
+        try:
+            if (run(cfg).float() - ref).abs().max().item() > tol:
+                continue
+            t = graph_ms(lambda cfg=cfg: run(cfg), calls, x.device)
+        except Exception:  # noqa: BLE001 - a config this compiler/GPU cannot build is just not a candidate
+            continue
+        times[str(cfg)] = t
+        if t < best[0]:
+            best = (t, cfg)
+    _CHOICES[key] = best[1]
+    MEASURED[key] = times
+    return best[1]
+
+
 def set_choice(key: tuple, choice: Choice) -> None:
     """Pin the choice for a :func:`tune_key` (``None`` = cuBLAS + fused kernel)."""
     _CHOICES[key] = choice
@@ -180,7 +238,9 @@ def lookup(key: tuple) -> Choice | str:
 def chose_triton(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
     """Whether a search already picked the Triton GEMM for this shape bucket and dtype (any activation, device)."""
     head = (next_power_of_2(m), n, k)
-    return any(key[:3] == head and key[4] == dtype and c is not None for key, c in list(_CHOICES.items()))
+    return any(
+        key[:3] == head and key[3] != ADD_LN and key[4] == dtype and c is not None for key, c in list(_CHOICES.items())
+    )
 
 
 def clear() -> None:
@@ -190,15 +250,18 @@ def clear() -> None:
 
 
 __all__ = [
+    "ADD_LN",
     "MEASURED",
     "can_search",
     "candidate_configs",
     "graph_calls",
     "graph_ms",
     "choose",
+    "choose_split_k",
     "chose_triton",
     "clear",
     "lookup",
     "set_choice",
+    "split_k_candidates",
     "tune_key",
 ]

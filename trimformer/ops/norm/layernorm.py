@@ -45,6 +45,8 @@ def _add_ln_fwd_kernel(
     stride_r,
     stride_y,
     eps,
+    stride_xs,
+    PARTS: tl.constexpr,
     HAS_RES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_XBIAS: tl.constexpr,
@@ -58,7 +60,13 @@ def _add_ln_fwd_kernel(
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
-    h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)  # [R, BH]
+    x_ptrs = X + rows64[:, None] * stride_x + cols[None, :]
+    if PARTS > 0:  # X holds PARTS fp32 partial products (split-K GEMM): sum them here, deterministic order
+        h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [R, BH]
+        for part in tl.static_range(1, PARTS):
+            h += tl.load(x_ptrs + part * stride_xs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [R, BH]
     if HAS_XBIAS:
         h += tl.load(XB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
@@ -122,14 +130,59 @@ def add_layer_norm_fwd(
     y2 = y.view(-1, h)
     if n == 0:
         return y
-    block_h, rows, warps = _launch_shape(h, next_power_of_2(n), num_sms(x.device))
-    _add_ln_fwd_kernel[(cdiv(n, rows),)](
-        x2, r2, weight, bias if bias is not None else weight, x_bias if x_bias is not None else weight, y2,
-        n, h, x2.stride(0), r2.stride(0), y2.stride(0), float(eps),
-        HAS_RES=residual is not None, HAS_BIAS=bias is not None, HAS_XBIAS=x_bias is not None,
-        ROWS=rows, BLOCK_H=block_h, num_warps=warps,
-    )  # fmt: skip
+    _launch(x2, 0, 0, r2 if residual is not None else None, weight, bias, x_bias, y2, eps)
     return y
 
 
-__all__ = ["MAX_HIDDEN", "add_layer_norm_fwd", "unsupported_reason"]
+def _launch(x2, parts, stride_parts, r2, weight, bias, x_bias, y2, eps) -> None:
+    n, h = y2.shape
+    block_h, rows, warps = _launch_shape(h, next_power_of_2(n), num_sms(y2.device))
+    _add_ln_fwd_kernel[(cdiv(n, rows),)](
+        x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight,
+        x_bias if x_bias is not None else weight, y2,
+        n, h, x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), float(eps), stride_parts,
+        PARTS=parts, HAS_RES=r2 is not None, HAS_BIAS=bias is not None, HAS_XBIAS=x_bias is not None,
+        ROWS=rows, BLOCK_H=block_h, num_warps=warps,
+    )  # fmt: skip
+
+
+#: most partial products :func:`add_layer_norm_partials_fwd` sums (one unrolled load each).
+MAX_PARTS = 8
+
+
+def add_layer_norm_partials_fwd(
+    parts: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    x_bias: torch.Tensor | None,
+    *,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``LayerNorm(sum_s parts[s] + x_bias + residual)``: the reduction of a split-K GEMM fused into the add +
+    LayerNorm kernel (the ``S`` partials, the bias and the residual summed in fp32, in a fixed order).
+
+    Args:
+        parts: ``[S, M, H]`` fp32 partial products (``1 <= S <= MAX_PARTS``), unit stride on ``H``.
+        residual: ``[M, H]`` or ``None``; weight: ``[H]``; bias, x_bias: ``[H]`` or ``None``.
+        eps: added to the variance.
+        out_dtype: dtype of the result (the model's, e.g. the residual's).
+
+    Returns:
+        ``[M, H]`` in ``out_dtype`` (a new tensor: ``residual`` is not overwritten).
+    """
+    s, m, h = parts.shape
+    if not 1 <= s <= MAX_PARTS or parts.dtype != torch.float32:
+        raise ValueError(f"parts must be fp32 [S <= {MAX_PARTS}, M, H], got {parts.dtype} {tuple(parts.shape)}")
+    if parts.stride(-1) != 1 or parts.stride(1) != h:
+        parts = parts.contiguous()
+    y = torch.empty((m, h), dtype=out_dtype, device=parts.device)
+    if m == 0:
+        return y
+    r2 = _rows_2d(residual, h) if residual is not None else None
+    _launch(parts[0], s, parts.stride(0), r2, weight, bias, x_bias, y, eps)
+    return y
+
+
+__all__ = ["MAX_HIDDEN", "MAX_PARTS", "add_layer_norm_fwd", "add_layer_norm_partials_fwd", "unsupported_reason"]

@@ -45,7 +45,7 @@ _UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer <key>'"
 # ---------------------------------------------------------------------------------------------------- shared
 #: Seconds a request waits for its result before a disconnect watcher starts: most answers come sooner, and a
 #: watcher (an asyncio task reading ``receive``) per request costs the event loop more than the rest of the handler.
-WATCH_AFTER = 0.02
+WATCH_AFTER = 0.05
 
 
 async def _wait_disconnect(receive) -> None:

@@ -245,9 +245,13 @@ def test_gpu_forward_short_sequence_paths(max_len):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_forward_small_grid_uses_narrow_query_tiles(d, causal):
-    """One sequence and two heads: the default config shrinks the query tile below the key block."""
+    """One sequence and two heads: the default config shrinks the query tile below the key block (to 64 rows, not
+    below, for bidirectional d = 64 with several key blocks: measured faster on the H100)."""
     cfg = forward.default_fwd_config(d, 1000, causal, programs=2, sms=132)
-    assert cfg.block_m < cfg.block_n
+    if d == 64 and not causal:
+        assert cfg.block_m == 64 < forward.default_fwd_config(d, 1000, causal, programs=1000, sms=132).block_m
+    else:
+        assert cfg.block_m < cfg.block_n
     lens = [1000]
     q, k, v = _qkv(lens, 2, 1, d, torch.bfloat16, "cuda")
     cu = _cu(lens, "cuda")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trimformer.ops.linear import api as linear_api
-from trimformer.ops.linear import linear, naive_linear
+from trimformer.ops.linear import linear, linear_add_layer_norm, naive_linear, naive_linear_add_layer_norm
 from trimformer.testing import assert_close_budget
 
 pytest.importorskip("triton")
@@ -283,3 +283,144 @@ def test_kernels_compile_for_sm90():
         ["_linear_kernel", "False", "wgmma", "no-tma"],
     ], proc.stdout
     assert all(int(ln[4]) <= 232448 for ln in lines)  # fits the 227 KB a program may have on sm_90
+
+
+# ------------------------------------------------------------------ linear_add_layer_norm (split-K + LayerNorm)
+
+
+def _ln_inputs(m, k, n, device="cpu"):
+    x, w, b = _inputs(m, k, n, device)
+    g = torch.Generator().manual_seed(m + 3 * k + 5 * n)
+    r = torch.randn(m, n, generator=g, dtype=torch.float64).to(device) * 2.0
+    lw = (1.0 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)).to(device)
+    lb = torch.randn(n, generator=g, dtype=torch.float64).to(device)
+    return x, w, b, r, lw, lb
+
+
+def _ln_oracle(x, w, b, r, lw, lb, eps):
+    """LayerNorm(x W^T + b + r) through torch's own layer_norm in fp64 (an oracle outside our code)."""
+    h = x.double() @ w.double().T + (0 if b is None else b.double()) + (0 if r is None else r.double())
+    return torch.nn.functional.layer_norm(h, (h.shape[-1],), lw.double(), None if lb is None else lb.double(), eps)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize(("m", "k", "n", "splits"), [(37, 80, 48, 3), (5, 64, 40, 2), (20, 96, 33, 8), (9, 40, 24, 1)])
+def test_split_k_add_layer_norm_matches_reference(dtype, tma, m, k, n, splits):
+    """Split-K partials (ragged M, N, K; more splits than K blocks are clamped) summed in the LayerNorm kernel."""
+    from trimformer.ops.linear.gemm import SplitKConfig
+
+    ops = _ln_inputs(m, k, n)
+    ref = _ln_oracle(*ops, 1e-5)
+    lo = [t.to(dtype) for t in ops]
+    cfg = SplitKConfig(16, 32, 16, 2, 4, 1, splits, tma=tma)
+    out = linear_add_layer_norm(*lo, eps=1e-5, impl="triton", config=cfg)
+    assert out.dtype == dtype and out.shape == (m, n)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    else:
+        baseline = linear_add_layer_norm(*lo, eps=1e-5, impl="torch")  # plain PyTorch in fp16
+        assert_close_budget(out, ref, baseline, factor=2.0, name=f"split-K {splits} tma={tma} {m}x{k}x{n}")
+
+
+@pytest.mark.interpret
+def test_split_k_partials_sum_to_the_product_and_optional_terms():
+    from trimformer.ops.linear.gemm import SplitKConfig, linear_partials_fwd
+
+    x, w, b, r, lw, lb = (t.float() for t in _ln_inputs(21, 100, 40))
+    parts = linear_partials_fwd(x, w, SplitKConfig(16, 16, 16, 1, 4, 1, 4))
+    assert parts.shape == (4, 21, 40) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.double().sum(0), x.double() @ w.double().T, rtol=0, atol=1e-5)
+    parts = linear_partials_fwd(x, w, SplitKConfig(16, 16, 64, 1, 4, 1, 5))  # 2 K blocks: at most 2 chunks
+    assert parts.shape[0] == 2
+    for bias, res, ln_b in ((None, r, lb), (b, None, lb), (b, r, None), (None, None, None)):
+        out = linear_add_layer_norm(x, w, bias, res, lw, ln_b, eps=1e-12, impl="triton")
+        torch.testing.assert_close(out.double(), _ln_oracle(x, w, bias, res, lw, ln_b, 1e-12), rtol=0, atol=2e-5)
+    out = linear_add_layer_norm(x.view(3, 7, 100), w, b, r.view(3, 7, 40), lw, lb, eps=1e-12, impl="triton")
+    assert out.shape == (3, 7, 40)
+    torch.testing.assert_close(out.view(21, 40).double(), _ln_oracle(x, w, b, r, lw, lb, 1e-12), rtol=0, atol=2e-5)
+
+
+def test_linear_add_layer_norm_torch_naive_autograd_and_validation():
+    x, w, b, r, lw, lb = _ln_inputs(11, 24, 16)
+    ref = _ln_oracle(x, w, b, r, lw, lb, 1e-6)
+    torch.testing.assert_close(naive_linear_add_layer_norm(x, w, b, r, lw, lb, eps=1e-6), ref, rtol=0, atol=1e-12)
+    r_before = r.clone()
+    torch.testing.assert_close(linear_add_layer_norm(x, w, b, r, lw, lb, eps=1e-6), ref, rtol=0, atol=1e-12)
+    assert torch.equal(r, r_before)  # the residual is never overwritten
+    xg = x.clone().requires_grad_()
+    linear_add_layer_norm(xg, w, b, r, lw, lb, eps=1e-6).square().sum().backward()  # CPU "auto": torch path
+    xn = x.clone().requires_grad_()
+    naive_linear_add_layer_norm(xn, w, b, r, lw, lb, eps=1e-6).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xn.grad, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="impl='triton' cannot run"):
+        linear_add_layer_norm(x, w, b, r, lw, lb, eps=1e-6, impl="triton")  # CPU without the interpreter / fp64
+    with pytest.raises(ValueError, match="residual must have shape"):
+        linear_add_layer_norm(x, w, b, r[:, :8], lw, lb, eps=1e-6)
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_add_layer_norm(x, w[:, :8], b, r, lw, lb, eps=1e-6)
+    with pytest.raises(ValueError, match="ln_weight must have shape"):
+        linear_add_layer_norm(x, w, b, r, lw[:3], lb, eps=1e-6)
+    with pytest.raises(ValueError, match="but x is"):
+        linear_add_layer_norm(x, w.float(), b, r, lw, lb, eps=1e-6)
+    with pytest.raises(ValueError, match="impl must be"):
+        linear_add_layer_norm(x, w, b, r, lw, lb, eps=1e-6, impl="cuda")
+    from trimformer.ops.linear.gemm import SplitKConfig
+
+    with pytest.raises(ValueError, match="splits"):
+        SplitKConfig(64, 64, 64, 8, 4, 3, 0)
+
+
+def test_split_k_tuner_bookkeeping_on_cpu():
+    from trimformer.ops.linear import tune
+    from trimformer.ops.linear.gemm import MAX_SPLITS, SplitKConfig, default_split_k_config
+
+    x, w, *_ = (t.half() for t in _ln_inputs(40, 64, 24))
+    assert tune.choose_split_k(x, w, lambda choice: pytest.fail("no search off the GPU")) is None
+    key = tune.tune_key(40, 24, 64, tune.ADD_LN, torch.float16, torch.device("cuda", 0))
+    try:
+        tune.set_choice(key, SplitKConfig(64, 64, 64, 8, 4, 4, 4))
+        assert not tune.chose_triton(40, 24, 64, torch.float16)  # a split-K choice is no GEMM-epilogue choice
+    finally:
+        tune.clear()
+    for m, k in ((1, 768), (300, 3072), (512, 768), (64, 64)):
+        cands = tune.split_k_candidates(m, 768, k, torch.float16, 132)
+        assert cands and len(set(cands)) == len(cands)
+        assert all(c.splits * c.block_k <= max(k, c.block_k) for c in cands)  # no chunk is always empty
+        d = default_split_k_config(m, 768, k, torch.float16, 132)
+        assert 1 <= d.splits <= MAX_SPLITS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["triton", "auto"])
+@pytest.mark.parametrize(("m", "k"), [(1, 3072), (272, 3072), (350, 768), (700, 3072)])
+def test_linear_add_layer_norm_gpu(dtype, impl, m, k):
+    """The BERT-base out-projection / FFN2 tails at B = 1 sizes (``"auto"`` tunes split-K vs cuBLAS + LayerNorm)
+    and above the split-K row limit, against torch's fp64 layer_norm."""
+    from trimformer.ops.linear import tune
+
+    ops = _ln_inputs(m, k, 768, "cuda")
+    ref = _ln_oracle(*ops, 1e-12)
+    lo = [t.to(dtype) for t in ops]
+    out = linear_add_layer_norm(*lo, eps=1e-12, impl=impl)
+    assert_close_budget(out, ref, linear_add_layer_norm(*lo, eps=1e-12, impl="torch"), factor=2.0,
+                        name=f"{impl} {dtype} M={m} K={k}")  # fmt: skip
+    if impl == "auto" and 1 < m <= linear_api.SMALL_M:
+        assert tune.lookup(tune.tune_key(m, 768, k, tune.ADD_LN, dtype, lo[0].device)) != "unknown"
+
+
+@pytest.mark.gpu
+def test_split_k_candidates_gpu():
+    """Every split-K candidate the tuner may pick builds and is correct on the H100 shapes."""
+    from trimformer.ops.linear.tune import split_k_candidates
+    from trimformer.ops.triton_utils import num_sms
+
+    ops = _ln_inputs(300, 3072, 768, "cuda")
+    ref = _ln_oracle(*ops, 1e-12)
+    lo = [t.half() for t in ops]
+    baseline = linear_add_layer_norm(*lo, eps=1e-12, impl="torch")
+    for cfg in split_k_candidates(300, 768, 3072, torch.float16, num_sms(lo[0].device)):
+        out = linear_add_layer_norm(*lo, eps=1e-12, impl="triton", config=cfg)
+        assert_close_budget(out, ref, baseline, factor=2.0, name=str(cfg))

@@ -89,3 +89,26 @@ def test_launch_shape_spreads_few_rows_over_the_sms():
     assert _launch_shape(768, 8192, 132) == (1024, budget // 1024, 4)
     block, rows, _ = _launch_shape(64, 64, 4)
     assert block == 64 and 1 < rows < budget // 64 and -(-64 // rows) >= 8
+
+
+@pytest.mark.interpret
+def test_partials_kernel_sums_in_fixed_order_and_validates():
+    """``add_layer_norm_partials_fwd``: S fp32 partials + x_bias + residual summed in fp32, then normalised."""
+    from trimformer.ops.norm.layernorm import MAX_PARTS, add_layer_norm_partials_fwd
+
+    x, r, w, b, xb = _inputs(13, 100, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    parts = torch.randn(3, 13, 100, generator=g, dtype=torch.float64)
+    parts[1] += x
+    total = parts.sum(0)
+    ref = naive_add_layer_norm(total, r, w, b, eps=1e-12, x_bias=xb)
+    out = add_layer_norm_partials_fwd(parts.float(), r.half(), w.half(), b.half(), 1e-12, xb.half(),
+                                      out_dtype=torch.float16)  # fmt: skip
+    assert out.dtype == torch.float16 and out.shape == (13, 100)
+    lo_ref = naive_add_layer_norm(total.half(), r.half(), w.half(), b.half(), eps=1e-12, x_bias=xb.half())
+    assert_close_budget(out, ref, lo_ref, factor=2.0, name="partials")
+    with pytest.raises(ValueError, match="parts must be fp32"):
+        add_layer_norm_partials_fwd(parts.half(), None, w.half(), None, 1e-12, None, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="parts must be fp32"):
+        add_layer_norm_partials_fwd(torch.zeros(MAX_PARTS + 1, 2, 100), None, w.float(), None, 1e-12, None,
+                                    out_dtype=torch.float32)  # fmt: skip

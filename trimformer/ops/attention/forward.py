@@ -46,7 +46,9 @@ def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs
     """Hand-picked configuration (measured on H100, see NOTES.md); small blocks under the interpreter.
 
     ``programs`` is ``sequences x query heads``; when ``programs x query tiles`` would leave SMs idle (small batches),
-    the query tile shrinks (down to 16 rows) so that every SM gets work.
+    the query tile shrinks so that every SM gets work: down to 16 rows on the single-tile path, but not below 64 rows
+    for bidirectional head dims <= 64 with several key blocks (H100 sweep, NOTES.md "Round 4": at B = 1 a 16- or
+    32-row tile re-reads every key block per few rows and ran 1.3-1.7x slower than 64 rows at S = 256-512).
     """
     bd = padded_head_dim(head_dim)
     if interpreting():
@@ -57,6 +59,11 @@ def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs
         cfg = FwdConfig(b, b, 4, 1)
     elif bd <= 64 and max_seqlen <= 128:
         cfg = FwdConfig(64, 128, 4, 2)
+    elif bd <= 64 and max_seqlen <= 512 and not causal:
+        # full grids: 32-key blocks (B = 16 / 64, S = 256: 10.7 / 35.8 us vs 11.9 / 41.6 with 64; S = 512:
+        # 22.9 / 88.0 vs 24.0 / 93.4 with the 128x64 tile); grids under one wave: 64-key blocks
+        wide = programs * cdiv(max_seqlen, 64) < sms
+        cfg = FwdConfig(64, 64 if wide else 32, 4, 3)
     elif bd <= 64 and max_seqlen <= 384:
         cfg = FwdConfig(64, 64, 4, 3)
     elif bd <= 128:
@@ -64,7 +71,8 @@ def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs
     else:
         cfg = FwdConfig(128, 64, 8, 2)
     block_m = cfg.block_m
-    while block_m > 16 and programs * cdiv(max_seqlen, block_m) < sms:
+    floor = 64 if bd <= 64 and not causal and cfg.block_n < max_seqlen else 16
+    while block_m > floor and programs * cdiv(max_seqlen, block_m) < sms:
         block_m //= 2
     if block_m != cfg.block_m:
         cfg = FwdConfig(block_m, cfg.block_n, min(cfg.num_warps, 4), cfg.num_stages)

@@ -345,13 +345,15 @@ MAX_SPLITS = 8
 
 @functools.lru_cache(maxsize=256)
 def default_split_k_config(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> SplitKConfig:
-    """Shape-only split-K configuration: 64 x 64 tiles, enough K chunks to give every SM about one program."""
+    """Shape-only split-K configuration: 64-row tiles (64 columns up to 128 rows, 128 above), enough K chunks
+    (at least 4 blocks each) to give every SM about one program (H100 sweep: NOTES.md, round 4)."""
     if interpreting():
         return SplitKConfig(16, 32, 16, 4, 4, 1, splits=min(3, max(1, cdiv(k, 16))))
     bk = 32 if dtype == torch.float32 else 64
-    tiles = cdiv(m, 64) * cdiv(n, 64)
+    bn = 64 if m <= 128 else 128
+    tiles = cdiv(m, 64) * cdiv(n, bn)
     splits = max(1, min(MAX_SPLITS, sms // max(1, tiles), cdiv(k, 4 * bk)))
-    return SplitKConfig(64, 64, bk, 8, 4, 4, splits, tma=dtype != torch.float32)
+    return SplitKConfig(64, bn, bk, 8, 4, 4, splits, tma=dtype != torch.float32)
 
 
 @triton.jit

@@ -42,13 +42,17 @@ class FwdConfig:
 
 
 @functools.lru_cache(maxsize=256)
-def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs: int = 0, sms: int = 0) -> FwdConfig:
+def default_fwd_config(
+    head_dim: int, max_seqlen: int, causal: bool, *, programs: int = 0, sms: int = 0, full: bool | None = None
+) -> FwdConfig:
     """Hand-picked configuration (measured on H100, see NOTES.md); small blocks under the interpreter.
 
     ``programs`` is ``sequences x query heads``; when ``programs x query tiles`` would leave SMs idle (small batches),
     the query tile shrinks so that every SM gets work: down to 16 rows on the single-tile path, but not below 64 rows
     for bidirectional head dims <= 64 with several key blocks (H100 sweep, NOTES.md "Round 4": at B = 1 a 16- or
     32-row tile re-reads every key block per few rows and ran 1.3-1.7x slower than 64 rows at S = 256-512).
+    ``full`` says whether the real work fills the GPU (``heads x tokens / 64 >= sms``; the launcher knows the token
+    count, ``programs`` also counts a CUDA graph's empty and dummy sequences); ``None`` estimates it from ``programs``.
     """
     bd = padded_head_dim(head_dim)
     if interpreting():
@@ -59,11 +63,15 @@ def default_fwd_config(head_dim: int, max_seqlen: int, causal: bool, *, programs
         cfg = FwdConfig(b, b, 4, 1)
     elif bd <= 64 and max_seqlen <= 128:
         cfg = FwdConfig(64, 128, 4, 2)
-    elif bd <= 64 and max_seqlen <= 512 and not causal:
-        # full grids: 32-key blocks (B = 16 / 64, S = 256: 10.7 / 35.8 us vs 11.9 / 41.6 with 64; S = 512:
-        # 22.9 / 88.0 vs 24.0 / 93.4 with the 128x64 tile); grids under one wave: 64-key blocks
-        wide = programs * cdiv(max_seqlen, 64) < sms
-        cfg = FwdConfig(64, 64 if wide else 32, 4, 3)
+    elif (
+        bd <= 64
+        and max_seqlen <= 512
+        and not causal
+        and not (programs * cdiv(max_seqlen, 64) >= sms if full is None else full)
+    ):
+        cfg = FwdConfig(64, 64, 4, 3)  # under one wave of real work (B = 1, S = 512: 6.6 us vs 8.8 for 128x64)
+    elif bd <= 64 and max_seqlen <= 256 and not causal:
+        cfg = FwdConfig(64, 32, 4, 3)  # B = 16 / 64, S = 256: 10.7 / 35.8 us vs 11.9 / 41.6 with 64-key blocks
     elif bd <= 64 and max_seqlen <= 384:
         cfg = FwdConfig(64, 64, 4, 3)
     elif bd <= 128:
@@ -316,7 +324,10 @@ def varlen_attention_fwd(
             lse.fill_(float("-inf"))
             out.zero_()
         return (out, lse) if return_lse else out
-    cfg = config or default_fwd_config(d, max_seqlen, causal, programs=n_seq * hq, sms=num_sms(q.device))
+    sms = num_sms(q.device)
+    cfg = config or default_fwd_config(
+        d, max_seqlen, causal, programs=n_seq * hq, sms=sms, full=hq * cdiv(total, 64) >= sms
+    )
     n_m = cdiv(max_seqlen, cfg.block_m)
     qk_scale = scale * LOG2E
     for s0 in range(0, n_seq, _MAX_GRID_YZ):

@@ -155,7 +155,8 @@ class EmbeddingEndpoint:
             state.enter()
             admitted = True
             body = await self._read(receive)
-            status, payload = await self._answer(path, body, receive)
+            payload = await self._answer(path, body, receive)
+            status = 200
             headers = [_JSON, (b"content-length", b"%d" % len(payload))]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": payload})
@@ -200,7 +201,8 @@ class EmbeddingEndpoint:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def _answer(self, path: str, body: bytes, receive) -> tuple[int, bytes]:
+    async def _answer(self, path: str, body: bytes, receive) -> bytes:
+        """The 200 body for a request body (every refusal raises :class:`ServeError`)."""
         openai = path == "/v1/embeddings"
         model, config = self.model, self.config
         try:
@@ -227,8 +229,8 @@ class EmbeddingEndpoint:
             raise ServeError(422, str(exc), "validation") from None
         self.state.metrics.served(path, len(vectors), job.num_tokens)
         if openai:
-            return 200, openai_embeddings_body(vectors, model.model_id, job.num_tokens, call.encoding_format)
-        return 200, tei_embed_body(vectors)
+            return openai_embeddings_body(vectors, model.model_id, job.num_tokens, call.encoding_format)
+        return tei_embed_body(vectors)
 
     @staticmethod
     async def _error(send, path: str, status: int, message: str, kind: str, headers: dict | None = None) -> None:

@@ -19,6 +19,7 @@ from trimformer.engine.cuda_graphs import (
 )
 from trimformer.models.encoders import EncoderConfig, EncoderModel
 from trimformer.ops.varlen import PackedBatch
+from trimformer.testing.tolerances import assert_close_budget
 
 
 def _tiny_model(model_type="bert", device="cpu", dtype=torch.float32, type_vocab=2):
@@ -131,6 +132,10 @@ def test_graph_replay_equals_eager_and_never_syncs(dtype):
             graphed = [runner(b).clone() for b in batches]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    for b, e, g in zip(batches, eager, graphed):
+    with torch.inference_mode():
+        truth = [_tiny_model(device="cuda").forward_packed(b) for b in batches]
+    # A replay runs on the bucket's padded token count, and kernels are chosen per row-count bucket (GEMM tuner,
+    # split-K, attention tiles), so it need not be bit-identical to the eager call: it must be as accurate.
+    for b, e, g, t in zip(batches, eager, graphed, truth):
         assert g.shape == (b.num_tokens, 32)
-        torch.testing.assert_close(g, e, rtol=0, atol=0)  # same kernels on the same rows: bit-identical
+        assert_close_budget(g.float(), t, e.float(), factor=2.0, name=f"graph replay {dtype} {b.seqlens}")

@@ -65,3 +65,26 @@ def test_cli_missing_model_folder(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nope"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("trimformer serve: error: model folder") and "does not exist" in err
+
+
+def test_workers_serve_one_socket_and_drain_on_sigterm(tiny_dir):
+    """``--workers 2``: two processes answer on one port, each request gets its own rows, SIGTERM drains both."""
+    from trimformer.engine.encoder import Encoder
+
+    texts = [f"worker test {i} " + "word " * (i % 7) for i in range(24)]
+    want = Encoder.from_pretrained(tiny_dir, device="cpu").embed(texts, normalize=False)
+    args = ("--model", str(tiny_dir), "--device", "cpu", "--workers", "2", "--max-batch-tokens", "256")
+    with spawned(*args) as (url, proc):
+        assert httpx.get(url + "/info").json()["workers"] == 2
+        with ThreadPoolExecutor(8) as pool:
+            posts = [
+                pool.submit(httpx.post, url + "/embed", json={"inputs": [t], "normalize": False}, timeout=60)
+                for t in texts
+            ]
+            answers = [f.result() for f in posts]
+        assert [a.status_code for a in answers] == [200] * len(texts)
+        torch.testing.assert_close(torch.tensor([a.json()[0] for a in answers]), want, rtol=0, atol=1e-5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        log = proc.stdout.read().decode()
+        assert "2 worker processes" in log and log.count("Finished server process") == 2

@@ -49,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoding-format", default="base64", choices=("base64", "float"))
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="server token budget (default 16384)")
     parser.add_argument("--tokenization-workers", type=int, default=None, help="server tokenizer threads")
+    parser.add_argument(
+        "--server-workers", type=int, default=1, help="server processes (`trimformer serve --workers`, default 1)"
+    )
     parser.add_argument("--st-batch-sizes", default="32", help="sentence-transformers batch sizes (default 32)")
     parser.add_argument("--st-repeats", type=int, default=2, help="timed offline runs per provider (default 2)")
     parser.add_argument("--no-offline", action="store_true", help="skip the offline baselines")
@@ -151,6 +154,8 @@ def _start_server(args, path: str, device: str, dtype: str, log_path: Path) -> t
     cmd += ["--payload-limit", str(2**30)]
     if args.tokenization_workers:
         cmd += ["--tokenization-workers", str(args.tokenization_workers)]
+    if args.server_workers > 1:
+        cmd += ["--workers", str(args.server_workers)]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(repo_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
@@ -337,12 +342,18 @@ class LoadGenerator:
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` and its threads (Linux ``/proc``; ``None`` elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    """User + system CPU seconds of process ``pid``, its threads and its child processes (``--workers``) (Linux
+    ``/proc``; ``None`` elsewhere)."""
+    total, found = 0.0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(stat.parent.name) == pid or int(fields[1]) == pid:
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if found else None
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -371,6 +382,8 @@ def run(args) -> int:
         raise ValueError(f"the serve suite needs httpx and sentence-transformers: {exc}") from None
     concurrency = _ints(args.concurrency, "--concurrency")
     per_request = _ints(args.texts_per_request, "--texts-per-request")
+    if args.server_workers <= 0:
+        raise ValueError(f"--server-workers must be positive, got {args.server_workers}")
     if args.client_procs is not None and args.client_procs <= 0:
         raise ValueError(f"--client-procs must be positive, got {args.client_procs}")
     if args.texts <= 0 or args.duration <= 0 or args.warmup < 0 or args.st_repeats <= 0:
@@ -424,6 +437,7 @@ def run(args) -> int:
                 params = {**common, "dtype": dtype, "concurrency": c, "texts_per_request": tpr}
                 params.update(requests=len(lat), encoding=args.encoding_format, min_cosine_vs_st=round(min_cos, 6))
                 params.update(client_procs=procs, client_cpu_cores=client_cores, server_cpu_cores=server_cores)
+                params.update(server_workers=args.server_workers)
                 case = f"c{c}-t{tpr}"
                 rec.add(case, "trimformer-serve", "texts_per_s", "texts/s", r["texts"] / wall, **params)
                 rec.add(case, "trimformer-serve", "tokens_per_s", "tokens/s", r["tokens"] / wall, **params)
@@ -512,7 +526,8 @@ def _render(rec, points, offline, n_texts, n_tokens, common, dtype, args) -> tup
         "",
         f"{n_texts} texts ({common['short_frac']:.0%} queries of 5-30 tokens, the rest passages of 60-256 tokens), "
         f"{n_tokens:,} tokens with special tokens; model {common['model']}; server `trimformer serve --device "
-        f"{common['device_kind']} --dtype {dtype} --max-batch-tokens {args.max_batch_tokens}` in a subprocess on "
+        f"{common['device_kind']} --dtype {dtype} --max-batch-tokens {args.max_batch_tokens}"
+        f"{f' --workers {args.server_workers}' if args.server_workers > 1 else ''}` in a subprocess on "
         f"loopback; clients: asyncio keep-alive connections spread over {args.client_procs or default_client_procs()} "
         f"process(es), back-to-back `POST /v1/embeddings` (encoding_format {args.encoding_format}), {args.warmup:g} s "
         f"warm-up then {args.duration:g} s timed per point. CPU cores = CPU seconds used over the point's wall time "

@@ -277,6 +277,7 @@ def create_app(model: ServedModel, config: ServerConfig | None = None) -> ServeA
             "max_client_batch_size": config.max_client_batch_size,
             "auto_truncate": config.truncate,
             "tokenization_workers": config.tokenization_workers,
+            "workers": config.workers,
             "auth": config.api_key is not None,
             "version": __version__,
         }

@@ -34,6 +34,9 @@ class ServerConfig:
         model_id: the name reported in responses and ``/info`` (default: the folder name).
         tokenization_workers: tokenizer-stage threads (default: :func:`default_tokenization_workers`).
         shutdown_timeout: seconds to wait for accepted requests after SIGTERM before exiting anyway.
+        workers: server processes sharing the listening socket, each with its own copy of the model, tokenizer
+            stage and batcher (one event loop per process lifts the per-request Python ceiling of one process);
+            limits, ``/metrics`` and ``/info`` are per worker.
         retry_after: seconds sent in ``Retry-After`` with 429 and 503 answers.
         cuda_graphs: on a GPU, replay CUDA graphs for model batches (the engine's default).
         access_log: log every request (uvicorn's access log).
@@ -54,13 +57,14 @@ class ServerConfig:
     model_id: str | None = None
     tokenization_workers: int | None = None
     shutdown_timeout: float = 30.0
+    workers: int = 1
     retry_after: int = 1
     cuda_graphs: bool = True
     access_log: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        positive = ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "payload_limit")
+        positive = ("max_batch_tokens", "max_concurrent_requests", "max_client_batch_size", "payload_limit", "workers")
         for name in (*positive, "retry_after"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -95,6 +99,7 @@ class ServerConfig:
             model_id=args.model_id,
             tokenization_workers=args.tokenization_workers,
             shutdown_timeout=args.shutdown_timeout,
+            workers=args.workers,
             cuda_graphs=args.cuda_graphs,
             access_log=args.access_log,
             log_level=args.log_level,
@@ -170,6 +175,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         metavar="S",
         help="after SIGTERM, wait at most S seconds for accepted requests (30)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="server processes on one socket, each with its own model copy; limits and /metrics per worker (1)",
     )
     parser.add_argument(
         "--no-cuda-graphs", dest="cuda_graphs", action="store_false", help="run every GPU forward eagerly"

@@ -3,14 +3,20 @@
 On the first SIGTERM or SIGINT the server stops admitting requests (they get 503, ``/health`` turns 503 too), lets
 every accepted request finish, then shuts uvicorn down and exits with status 0. A second signal, or
 ``shutdown_timeout`` seconds without the in-flight count reaching zero, exits at once.
+
+With ``workers > 1`` this process binds the socket and supervises that many worker processes (spawned, each in
+its own process group, each loading the model and serving the shared socket); it forwards SIGTERM/SIGINT to them
+as SIGTERM (so each drains) and exits 0 when all of them did.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import signal
 import socket
+import sys
 import time
 
 import uvicorn
@@ -96,8 +102,16 @@ def setup_logging(level: str) -> None:
 
 
 def run_server(config: ServerConfig, *, sock: socket.socket | None = None) -> int:
-    """Load the model, serve until SIGTERM/SIGINT, drain, return the exit status (0 after a clean drain)."""
+    """Load the model, serve until SIGTERM/SIGINT, drain, return the exit status (0 after a clean drain); with
+    ``config.workers > 1``, supervise that many worker processes instead (see the module docstring)."""
     setup_logging(config.log_level)
+    if config.workers > 1:
+        return _supervise(config, sock)
+    return _serve(config, sock)
+
+
+def _serve(config: ServerConfig, sock: socket.socket | None) -> int:
+    """One server process: load the model, serve, drain (``config.workers`` is only reported in ``/info``)."""
     model = ServedModel.load(
         config.model, device=config.device, dtype=config.dtype, model_id=config.model_id, cuda_graphs=config.cuda_graphs
     )
@@ -116,3 +130,77 @@ def run_server(config: ServerConfig, *, sock: socket.socket | None = None) -> in
     server = build_server(model, config)
     server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 1
+
+
+def _bind(config: ServerConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(2048)  # connections made while the workers load queue here instead of being refused
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send this process SIGTERM when its parent dies (a killed supervisor leaves no workers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+def _worker(config: ServerConfig, sock: socket.socket) -> None:
+    os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which forwards one SIGTERM
+    _die_with_parent()
+    setup_logging(config.log_level)
+    raise SystemExit(_serve(config, sock))
+
+
+def _supervise(config: ServerConfig, sock: socket.socket | None) -> int:
+    import multiprocessing as mp
+
+    from trimformer.models.encoders.loading import read_config
+
+    if config.model is not None:
+        read_config(config.model)  # a bad folder is one clear error here, not a traceback per worker
+    mp.allow_connection_pickling()
+    sock = sock or _bind(config)
+    ctx = mp.get_context("spawn")  # each worker initialises its own CUDA context
+    procs = [
+        ctx.Process(target=_worker, args=(config, sock), name=f"trimformer-worker-{i}") for i in range(config.workers)
+    ]
+    for proc in procs:
+        proc.start()
+    logger.info("%d worker processes on http://%s:%d", len(procs), config.host, config.port)
+
+    draining = []
+
+    def stop_all() -> None:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def forward(sig: int, frame) -> None:
+        logger.info("%s: draining the workers", signal.Signals(sig).name)
+        draining.append(sig)
+        stop_all()
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while any(proc.is_alive() for proc in procs):
+            if not draining and any(proc.exitcode is not None for proc in procs):
+                logger.error("a worker exited unasked; stopping the others")
+                draining.append(None)
+                stop_all()
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [proc.exitcode for proc in procs]
+    if any(codes) or None in draining:
+        logger.error("worker exit codes: %s", codes)
+        return 1
+    return 0

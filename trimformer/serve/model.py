@@ -22,6 +22,16 @@ from trimformer.engine.tokenization import Tokenized, has_tokenizer
 from trimformer.models.encoders.heads import ClassifierConfig, SequenceClassificationHead, classifier_config, load_head
 
 EMBED, CLASSIFY = "embed", "classify"
+#: Texts on which a thread's raw Rust tokenizer must reproduce :meth:`Encoder.tokenize` before the server uses it.
+_PROBE = (
+    "",
+    "A man is eating food.",
+    "  Leading, trailing  and   inner   spaces  ",
+    "naïve café — ÜNÏCÖDÉ ✓ 日本語 한국어 עברית 🙂",
+    "[CLS] [SEP] [MASK] <s> </s> <mask> [UNK] tokens typed by a user",
+    "tabs\tand\nnewlines\r\n, 'quotes' \"double\" and punctuation!?;:",
+    "MiXeD CaSe WoRdS and numbers 3.14159 1,000,000",
+)
 
 
 class ServedModel:
@@ -137,7 +147,7 @@ class ServedModel:
         """Load this thread's tokenizer, so the first request does not pay for it (no-op for a folder without
         tokenizer files: such a model serves token-id inputs only)."""
         if has_tokenizer(self.encoder.name_or_path):
-            self._thread_encoder().tokenize(["warm up"])
+            self.tokenize(["warm up"])
 
     def load_tokenizer(self) -> None:
         """Load the shared encoder's tokenizer once, in the calling thread: transformers imports its tokenizer
@@ -146,12 +156,50 @@ class ServedModel:
             self.encoder.tokenize(["warm up"])
 
     def tokenize(self, texts: list[str]) -> Tokenized:
-        """Token ids of ``texts``, over-long ones cut to :attr:`max_length` (their indices in ``.truncated``).
+        """Token ids of ``texts``, over-long ones cut to :attr:`max_length` (their indices in ``.truncated``): what
+        :meth:`Encoder.tokenize` returns.
 
         The caller decides whether truncation was allowed (it answers 413 otherwise); cutting first and checking
-        after costs a second pass only over the over-long inputs.
+        after costs a second pass only over the over-long inputs. The first pass goes straight to this thread's copy
+        of the Rust tokenizer when that copy reproduces :meth:`Encoder.tokenize` (see :meth:`_raw_tokenizer`),
+        skipping transformers' per-text Python conversion (it held the GIL ~40 us per text, time the event loop
+        needs at one text per request).
         """
-        return self._thread_encoder().tokenize(texts, truncate=True)
+        enc = self._thread_encoder()
+        raw = self._raw_tokenizer()
+        if raw is None:
+            return enc.tokenize(texts, truncate=True)
+        return self._tokenize_raw(enc, raw, texts)
+
+    def _tokenize_raw(self, enc: Encoder, raw, texts: list[str]) -> Tokenized:
+        lowered = [t.lower() for t in texts] if self._st.do_lower_case else texts
+        ids = [e.ids for e in raw.encode_batch(lowered, add_special_tokens=True)]
+        limit = self.max_length
+        long = [i for i, row in enumerate(ids) if len(row) > limit]
+        if long:
+            cut = enc.tokenize([texts[i] for i in long], truncate=True).input_ids
+            for i, row in zip(long, cut):
+                ids[i] = row
+        return Tokenized(ids, None, tuple(long))
+
+    def _raw_tokenizer(self):
+        """This thread's copy of the Rust ``tokenizers.Tokenizer`` (truncation and padding off), or ``None`` when
+        the model has no fast tokenizer or the copy does not give :meth:`Encoder.tokenize`'s ids on a probe set."""
+        if not hasattr(self._local, "raw"):
+            self._local.raw = None
+            enc = self._thread_encoder()
+            backend = getattr(enc.tokenizer, "backend_tokenizer", None)
+            if backend is not None:
+                from tokenizers import Tokenizer
+
+                raw = Tokenizer.from_str(backend.to_str())
+                raw.no_truncation()
+                raw.no_padding()
+                raw.encode_special_tokens = bool(getattr(enc.tokenizer, "split_special_tokens", False))
+                probe = [*_PROBE, " ".join(["probe"] * (self.max_length + 8))]
+                if self._tokenize_raw(enc, raw, probe) == enc.tokenize(probe, truncate=True):
+                    self._local.raw = raw
+        return self._local.raw
 
     def tokenize_pairs(self, first: list[str], second: list[str]) -> Tokenized:
         """Token ids and segment ids of ``(first[i], second[i])`` pairs (``longest_first`` truncation)."""

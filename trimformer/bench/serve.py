@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -162,23 +163,29 @@ def _start_server(args, path: str, device: str, dtype: str, log_path: Path) -> t
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=repo_root())
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.server_timeout
-    while True:
-        if proc.poll() is not None:
-            raise ValueError(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ValueError(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return proc, url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ValueError(f"the server did not become healthy in {args.server_timeout:.0f} s")
+            time.sleep(0.2)
+    except BaseException:  # not healthy, or interrupted while waiting: leave no server behind
+        if proc.poll() is None:
             proc.kill()
-            raise ValueError(f"the server did not become healthy in {args.server_timeout:.0f} s")
-        time.sleep(0.2)
+        raise
+
+
+def _interrupted(signum: int, frame) -> None:
+    raise ValueError(f"interrupted by {signal.Signals(signum).name}")
 
 
 def _stop_server(proc: subprocess.Popen) -> int:
-    import signal
-
     proc.send_signal(signal.SIGTERM)
     try:
         return proc.wait(60)
@@ -413,6 +420,8 @@ def run(args) -> int:
         rec.add("offline", provider, "tokens_per_s", "tokens/s", [n_tokens / s for s in secs], **params)
 
     log_path = Path(args.server_log or Path(tempfile.mkdtemp(prefix="trimformer-bench-serve-")) / "server.log")
+    # a SIGTERM (e.g. from `timeout`) ends the run like a failure: rows so far written, the server stopped
+    previous = signal.signal(signal.SIGTERM, _interrupted)
     proc, url = _start_server(args, path, device, dtype, log_path)
     procs = args.client_procs or default_client_procs()
     clients = LoadGenerator(procs)
@@ -457,6 +466,7 @@ def run(args) -> int:
     finally:
         clients.close()
         rc = _stop_server(proc)
+        signal.signal(signal.SIGTERM, previous)
     if rc != 0 and failure is None:
         failure = ValueError(f"the server exited with {rc} after SIGTERM (log: {log_path})")
     rec.write_csv()

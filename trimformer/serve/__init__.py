@@ -35,6 +35,14 @@ bytes, more inputs than ``--max-client-batch-size`` or an input over the model's
 with ``Retry-After`` at ``--max-concurrent-requests``; 503 while draining after SIGTERM; 500 when the model call
 holding the request failed (its batchmates are re-run alone, so they are unaffected). Errors under ``/v1/`` have
 OpenAI's shape (``{"error": {"message", "type", "code"}}``), the others TEI's (``{"error", "error_type"}``).
+
+Performance
+-----------
+The two embedding endpoints skip FastAPI (:mod:`trimformer.serve.asgi`); the batcher's tokenizer stage tokenizes
+the texts of all waiting requests in one call and the model worker resolves a window's requests with one event-loop
+callback (:mod:`trimformer.serve.batcher`); uvicorn runs on uvloop and httptools when installed. One process tops
+out at one core of per-request Python work; ``--workers N`` runs N processes on one socket, each with its own model
+copy (limits and ``/metrics`` per worker).
 """
 
 from __future__ import annotations

@@ -73,6 +73,10 @@ def test_embed_matches_sentence_transformers(enc, texts, st_model):
     assert ours[0] @ ours[1] == pytest.approx(0.7553, abs=1e-4)
 
 
+def test_warmup_is_a_no_op_on_cpu(enc):
+    assert enc.device.type == "cpu" and enc.warmup(4096) == 0 and enc.graphs is None
+
+
 def test_empty_text_is_the_special_tokens_alone(enc):
     tok = enc.tokenize([""])
     assert tok.input_ids == [[101, 102]]  # [CLS] [SEP]

@@ -117,3 +117,19 @@ def test_embed_graphs_on_off_and_batch_invariance(family):
     assert enc.graphs.num_graphs > 0
     torch.testing.assert_close(with_graphs, eager, rtol=0, atol=2e-3)
     torch.testing.assert_close(with_graphs[:5], alone, rtol=0, atol=2e-3)
+
+
+def test_warmup_prepares_buckets_before_traffic(family):
+    """``warmup`` runs two forwards per power of two of tokens (long and 32-token sequences), leaving graphs
+    captured for those buckets; a later batch of a warmed size replays without capturing anything new."""
+    name, folder, *_ = family
+    enc = Encoder.from_pretrained(folder, device="cuda", dtype=torch.float16)
+    assert enc.graphs.num_graphs == 0
+    runs = enc.warmup(256)
+    assert runs == 8  # 16 and 32 tokens once (long = short), 64, 128 and 256 twice
+    captured = enc.graphs.num_graphs
+    assert captured >= 5
+    enc.forward_packed(enc.pack([[100] * 32] * 4))  # 128 tokens as 32-token sequences: warmed
+    assert enc.graphs.num_graphs == captured
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        enc.warmup(0)

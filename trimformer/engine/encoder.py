@@ -251,6 +251,36 @@ class Encoder:
             out = self._forward(batch)
             return out.clone() if self._graphed(batch) else out
 
+    def warmup(self, max_tokens: int | None = None) -> int:
+        """Pay the one-time costs before traffic arrives: on CUDA, run one forward per power-of-two token count from
+        16 to ``max_tokens`` (default: the CUDA-graph limit), once as sequences of the longest length and once as
+        32-token sequences, so that Triton compiles, the per-shape GEMM tuner's searches and the CUDA-graph captures of
+        those buckets happen now rather than as multi-second stalls on the first requests of each size. Other
+        buckets still capture on first use (a capture costs milliseconds once the kernels exist).
+
+        Args:
+            max_tokens: largest batch (valid tokens) to prepare for, e.g. a server's token budget.
+
+        Returns:
+            The number of forwards run (0 on CPU, where nothing is compiled or captured).
+        """
+        if self.device.type != "cuda":
+            return 0
+        top = max_tokens if max_tokens is not None else (self.graphs.max_tokens if self.graphs else 16384)
+        if top <= 0:
+            raise ValueError(f"max_tokens must be positive, got {top}")
+        token = min(100, self.config.vocab_size - 1)
+        runs, n = 0, 16
+        with torch.inference_mode():
+            while n <= max(16, top):
+                for seq in sorted({min(self.max_length, n), min(self.max_length, n, 32)}):
+                    lens = [seq] * (n // seq) + ([n % seq] if n % seq else [])
+                    self._forward(self.pack([[token] * length for length in lens]))
+                    runs += 1
+                n *= 2
+        torch.cuda.synchronize(self.device)
+        return runs
+
     def _graphed(self, batch: PackedBatch) -> bool:
         return (
             self.use_cuda_graphs

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 
 import torch
 from fastapi import FastAPI, Request
@@ -87,6 +88,10 @@ class ServerState:
         """Warm the model (kernels compiled for short and long inputs), then start the tokenizer stage (each
         thread loads its tokenizer first) and the model worker."""
         self.model.load_tokenizer()
+        started = time.perf_counter()
+        runs = self.model.encoder.warmup(self.config.max_batch_tokens)
+        if runs:
+            logger.info("model warm-up: %d forwards in %.1f s", runs, time.perf_counter() - started)
         kind = CLASSIFY if self.model.kind == "classifier" else EMBED
         limit = self.model.max_length
         lengths = sorted({min(limit, n) for n in (3, 17, 64, limit)})

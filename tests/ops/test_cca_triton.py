@@ -9,10 +9,6 @@ gradient cosine >= 0.999 against fp64, decode state round trips and CUDA-graph c
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +16,7 @@ import torch
 from trimformer.ops.cca import cca_decode_prologue, cca_prologue, naive_cca_decode_prologue, naive_cca_prologue
 from trimformer.ops.rope import rotary_cos_sin
 from trimformer.testing import assert_close_budget
+from trimformer.testing.sm90 import compile_for_sm90, has_nvidia_backend
 
 triton = pytest.importorskip("triton")
 
@@ -252,26 +249,6 @@ def test_explicit_triton_raises_and_auto_falls_back():
 # subprocess with TRITON_INTERPRET=0 and a stand-in driver: the interpreter runs code the GPU compiler rejects (e.g. a
 # runtime if/else that re-binds one name to tiles of two shapes), which this catches on a CPU-only machine.
 _SM90_COMPILE = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-import triton.runtime.jit as J
-
-class StandInDriver:
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_active_torch_device(self): return torch.device("cpu")
-
-driver.set_active(StandInDriver())
-compiled = []
-_run = J.JITFunction.run
-def run(self, *args, grid, warmup, **kwargs):
-    compiled.append(self.fn.__name__)
-    return _run(self, *args, grid=grid, warmup=True, **kwargs)
-J.JITFunction.run = run
-import trimformer.ops.triton_utils as tu
-tu.num_sms = lambda device: 132
 from trimformer.ops.cca import prologue_bwd as pb, prologue_fwd as pf
 pb.num_sms = tu.num_sms
 
@@ -299,7 +276,7 @@ case(8, 2, 128, torch.bfloat16, 2, 64, **flags)
 case(4, 4, 256, torch.bfloat16, 2, 128, **{**flags, "temperature_mode": "exp"})
 case(4, 2, 64, torch.float16, 1, 0, qk_mean=False, value_shift=False, temperature_mode="linear")
 case(3, 3, 48, torch.float32, 0, 48, **flags)
-print("compiled", len(compiled), sorted(set(compiled)))
+print("compiled", len(kernels), sorted({name for name, _ in kernels}))
 """
 
 
@@ -307,15 +284,9 @@ print("compiled", len(compiled), sorted(set(compiled)))
 def test_kernels_compile_for_sm90():
     """Every kernel (prefill, decode, the four backward launches) compiles for sm_90 across head dims, head layouts,
     dtypes and switches: checked on the CPU with Triton's compiler and ptxas, no GPU needed."""
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
+    if not has_nvidia_backend():
         pytest.skip("this Triton build has no NVIDIA backend (compiler and ptxas) to compile sm_90 kernels with")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=root)  # fmt: skip
+    proc = compile_for_sm90(_SM90_COMPILE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     names = {"_cca_fwd_kernel", "_final_state_kernel", "_cca_bwd_norm_kernel", "_cca_bwd_dx_kernel",
              "_cca_bwd_dw2_kernel", "_reduce_kernel"}  # fmt: skip

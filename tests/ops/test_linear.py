@@ -8,6 +8,7 @@ import torch
 from trimformer.ops.linear import api as linear_api
 from trimformer.ops.linear import linear, linear_add_layer_norm, naive_linear, naive_linear_add_layer_norm
 from trimformer.testing import assert_close_budget
+from trimformer.testing.sm90 import compile_for_sm90, has_nvidia_backend
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -221,26 +222,8 @@ def test_tuned_auto_linear_gpu(m, k, n, act):
 
 
 _SM90_COMPILE = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.runtime import driver
-import triton.runtime.jit as J
-
-class StandInDriver:
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 0
-    def get_active_torch_device(self): return torch.device("cpu")
-
-driver.set_active(StandInDriver())
-kernels = []
-_run = J.JITFunction.run
-def run(self, *args, grid, warmup, **kwargs):
-    kernels.append((self.fn.__name__, _run(self, *args, grid=grid, warmup=True, **kwargs)))
-J.JITFunction.run = run
-import trimformer.ops.triton_utils as tu
 from trimformer.ops.linear import gemm
-gemm.num_sms = lambda device: 132
+gemm.num_sms = tu.num_sms
 gemm.tma_reason = lambda *a: None  # CPU stand-in tensors: take the TMA kernel where a config asks for it
 G = gemm.GemmConfig
 x, w, b = torch.randn(4772, 768).half(), torch.randn(3072, 768).half(), torch.randn(3072).half()
@@ -260,20 +243,9 @@ def test_kernels_compile_for_sm90():
     """The TMA kernel (one program per tile and persistent, split epilogue) and the pointer kernel compile for sm_90
     at the FFN1 shape with wgmma, and the TMA one with bulk tensor copies: checked on the CPU with Triton's compiler
     and ptxas (the interpreter cannot tell), no GPU needed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from triton.backends import backends
-
-    if "nvidia" not in backends:
+    if not has_nvidia_backend():
         pytest.skip("this Triton build has no NVIDIA backend (compiler and ptxas) to compile sm_90 kernels with")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=root)  # fmt: skip
+    proc = compile_for_sm90(_SM90_COMPILE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln.split() for ln in proc.stdout.splitlines()]
     assert [ln[:4] for ln in lines] == [

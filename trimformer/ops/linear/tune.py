@@ -123,6 +123,29 @@ def graph_ms(fn: Callable[[], object], calls: int, device: torch.device) -> floa
     return ms
 
 
+def _search(key: tuple, run: Callable[[object], torch.Tensor], candidates: list, calls: int, device) -> object:
+    """Time ``run(None)`` (the cuBLAS path) and ``run(cfg)`` for every candidate as graph replays; remember and return
+    the fastest (``None`` when cuBLAS wins). A candidate whose output differs from cuBLAS's by more than 1% of its
+    max is never chosen (a miscompile); one this compiler or GPU cannot build is skipped."""
+    times: dict[str, float] = {"cublas": graph_ms(lambda: run(None), calls, device)}
+    ref = run(None).float()
+    tol = 1e-2 * ref.abs().max().item() + 1e-3
+    best: tuple[float, object] = (times["cublas"], None)
+    for cfg in candidates:
+        try:
+            if (run(cfg).float() - ref).abs().max().item() > tol:
+                continue
+            t = graph_ms(lambda cfg=cfg: run(cfg), calls, device)
+        except Exception:  # noqa: BLE001 - a config this compiler/GPU cannot build (resources) is just not a candidate
+            continue
+        times[str(cfg)] = t
+        if t < best[0]:
+            best = (t, cfg)
+    _CHOICES[key] = best[1]
+    MEASURED[key] = times
+    return best[1]
+
+
 def graph_calls(m: int, n: int, k: int) -> int:
     """Calls per timed graph for an ``[m, k] x [k, n]`` GEMM: enough back-to-back work to swamp replay gaps."""
     return max(1, min(16, int(_GRAPH_FLOPS // max(1, 2 * m * n * k))))
@@ -150,24 +173,8 @@ def choose(
         return _CHOICES[key]
     if not can_search(x):
         return None
-    calls = graph_calls(m, n, k)
-    times: dict[str, float] = {"cublas": graph_ms(cublas, calls, x.device)}
-    ref = cublas().float()
-    tol = 1e-2 * ref.abs().max().item() + 1e-3
-    best: tuple[float, Choice] = (times["cublas"], None)
-    for cfg in candidate_configs(m, n, k, x.dtype, num_sms(x.device)):
-        try:
-            if (linear_fwd(x, weight, bias, kind, config=cfg).float() - ref).abs().max().item() > tol:
-                continue  # a miscompiled config is never chosen
-            t = graph_ms(lambda cfg=cfg: linear_fwd(x, weight, bias, kind, config=cfg), calls, x.device)
-        except Exception:  # noqa: BLE001 - a config this compiler/GPU cannot build (resources) is just not a candidate
-            continue
-        times[str(cfg)] = t
-        if t < best[0]:
-            best = (t, cfg)
-    _CHOICES[key] = best[1]
-    MEASURED[key] = times
-    return best[1]
+    run = lambda cfg: cublas() if cfg is None else linear_fwd(x, weight, bias, kind, config=cfg)  # noqa: E731
+    return _search(key, run, candidate_configs(m, n, k, x.dtype, num_sms(x.device)), graph_calls(m, n, k), x.device)
 
 
 def split_k_candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[SplitKConfig]:
@@ -206,24 +213,8 @@ def choose_split_k(
         return _CHOICES[key]  # type: ignore[return-value]
     if not can_search(x):
         return None
-    calls = graph_calls(m, n, k)
-    times: dict[str, float] = {"cublas": graph_ms(lambda: run(None), calls, x.device)}
-    ref = run(None).float()
-    tol = 1e-2 * ref.abs().max().item() + 1e-3
-    best: tuple[float, SplitKConfig | None] = (times["cublas"], None)
-    for cfg in split_k_candidates(m, n, k, x.dtype, num_sms(x.device)):
-        try:
-            if (run(cfg).float() - ref).abs().max().item() > tol:
-                continue
-            t = graph_ms(lambda cfg=cfg: run(cfg), calls, x.device)
-        except Exception:  # noqa: BLE001 - a config this compiler/GPU cannot build is just not a candidate
-            continue
-        times[str(cfg)] = t
-        if t < best[0]:
-            best = (t, cfg)
-    _CHOICES[key] = best[1]
-    MEASURED[key] = times
-    return best[1]
+    candidates = split_k_candidates(m, n, k, x.dtype, num_sms(x.device))
+    return _search(key, run, candidates, graph_calls(m, n, k), x.device)  # type: ignore[return-value]
 
 
 def set_choice(key: tuple, choice: Choice) -> None:

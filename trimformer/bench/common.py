@@ -254,9 +254,22 @@ def time_cuda_graph(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 
     return time_cuda(capture_cuda_graph(fn, warmup=warmup), warmup=warmup, repeat=repeat)
 
 
-def int_list(text: str) -> list[int]:
-    """``"1,16, 64"`` -> ``[1, 16, 64]`` (empty items skipped)."""
-    return [int(x) for x in text.split(",") if x.strip()]
+def int_list(text: str, flag: str | None = None) -> list[int]:
+    """``"1,16, 64"`` -> ``[1, 16, 64]`` (empty items skipped).
+
+    With ``flag`` (the option's name), the list must be non-empty and every item a positive integer, else a
+    ``ValueError`` names the option.
+    """
+    if flag is None:
+        return [int(x) for x in text.split(",") if x.strip()]
+    bad = ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise bad from None
+    if not values or min(values) <= 0:
+        raise bad
+    return values
 
 
 def bytetransformer_lengths(b: int, s: int, seed: int) -> list[int]:

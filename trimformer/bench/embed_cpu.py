@@ -101,8 +101,10 @@ def run(args) -> int:
         ) from None
     if args.texts <= 0 or args.repeats <= 0 or args.hf_repeats < 0:
         raise ValueError("--texts and --repeats must be positive, --hf-repeats non-negative")
-    thread_counts = _int_list(args.threads, "--threads") if args.threads else [torch.get_num_threads()]
-    sweep = _int_list(args.sweep, "--sweep") if args.sweep else []
+    from trimformer.bench.common import int_list
+
+    thread_counts = int_list(args.threads, "--threads") if args.threads else [torch.get_num_threads()]
+    sweep = int_list(args.sweep, "--sweep") if args.sweep else []
 
     enc = Encoder.from_pretrained(args.model, device="cpu", dtype="float32")
     path = enc.name_or_path
@@ -186,16 +188,6 @@ def run(args) -> int:
     print(summary)
     print(f"results: {rec.csv_path} (+ {SUITE}.md, {SUITE}.png)")
     return 0
-
-
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
-    return values
 
 
 def _median(samples: list[float]) -> float:

@@ -70,16 +70,6 @@ def default_client_procs() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
-    return values
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,11 +96,13 @@ def _offline(args, path: str, texts: list[str], device: str, dtype: str, st_dtyp
             out.append(time.perf_counter() - t0)
         return out
 
+    from trimformer.bench.common import int_list
+
     results = {}
     for st_dtype in st_dtypes:
         st = SentenceTransformer(path, device=device)
         st.to({"float16": torch.float16, "bfloat16": torch.bfloat16}.get(st_dtype, torch.float32))
-        for bs in _ints(args.st_batch_sizes, "--st-batch-sizes"):
+        for bs in int_list(args.st_batch_sizes, "--st-batch-sizes"):
             results[("sentence-transformers", st_dtype, bs)] = timed(
                 lambda t, st=st, bs=bs: st.encode(t, batch_size=bs, convert_to_numpy=True)
             )
@@ -230,8 +222,10 @@ def run(args) -> int:
         import sentence_transformers  # noqa: F401
     except ImportError as exc:
         raise ValueError(f"the serve suite needs httpx and sentence-transformers: {exc}") from None
-    concurrency = _ints(args.concurrency, "--concurrency")
-    per_request = _ints(args.texts_per_request, "--texts-per-request")
+    from trimformer.bench.common import int_list
+
+    concurrency = int_list(args.concurrency, "--concurrency")
+    per_request = int_list(args.texts_per_request, "--texts-per-request")
     if args.server_workers <= 0:
         raise ValueError(f"--server-workers must be positive, got {args.server_workers}")
     if args.client_procs is not None and args.client_procs <= 0:

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from trimformer.ops.attention import torch_path
+from trimformer.ops.varlen import check_varlen_metadata
 
 Impl = Literal["auto", "triton", "torch", "naive"]
 _IMPLS = ("auto", "triton", "torch", "naive")
@@ -92,15 +93,7 @@ def varlen_attention(
         _check_qkv(q, k, v, lead=1)
         if q.shape[0] != k.shape[0]:
             raise ValueError(f"q has {q.shape[0]} tokens but k/v have {k.shape[0]}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D int32 tensor with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
-                f"{tuple(cu_seqlens.shape)}"
-            )
-        if cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens must be on {q.device} like q, got {cu_seqlens.device}")
-        if not isinstance(max_seqlen, int) or max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+        check_varlen_metadata(cu_seqlens, max_seqlen, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     window = _normalize_window(window, causal)
     if impl in ("auto", "triton"):

@@ -24,6 +24,7 @@ import torch
 
 from trimformer.ops.disentangled import torch_path
 from trimformer.ops.disentangled.buckets import relative_index
+from trimformer.ops.varlen import check_varlen_metadata
 
 Impl = Literal["auto", "triton", "torch", "naive"]
 _IMPLS = ("auto", "triton", "torch", "naive")
@@ -37,15 +38,7 @@ def _check(q, k, v, cu_seqlens, max_seqlen, pos_key, pos_query, c2p, p2c, positi
         )
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError("q, k, v must share dtype and device")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(
-            f"cu_seqlens must be a 1-D int32 tensor with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
-            f"{tuple(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.device != q.device:
-        raise ValueError(f"cu_seqlens must be on {q.device} like q, got {cu_seqlens.device}")
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    check_varlen_metadata(cu_seqlens, max_seqlen, q.device)
     span = None
     for name, on, pos in (("pos_key", c2p, pos_key), ("pos_query", p2c, pos_query)):
         if not on:

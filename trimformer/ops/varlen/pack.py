@@ -225,6 +225,24 @@ def _host_metadata(
     return cu, local + position_offset, row_base + local
 
 
+def check_varlen_metadata(cu_seqlens: torch.Tensor, max_seqlen: object, device: torch.device) -> None:
+    """Validate the metadata a varlen kernel takes with tokens on ``device``.
+
+    Raises:
+        ValueError: ``cu_seqlens`` is not a 1-D int32 ``[N + 1]`` (``N >= 1``) tensor on ``device``, or ``max_seqlen``
+            is not a non-negative Python int (a tensor would force a host sync).
+    """
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
+            f"{tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on {device} like q, got {cu_seqlens.device}")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+
+
 def unpad(padded: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     """Gather the valid rows of a padded tensor.
 

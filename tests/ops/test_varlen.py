@@ -112,3 +112,18 @@ def test_shape_errors_in_pad_unpad():
 def test_to_same_device_is_identity():
     b = PackedBatch.from_token_lists([[1, 2]])
     assert b.to("cpu") is b
+
+
+def test_check_varlen_metadata_names_what_is_wrong():
+    from trimformer.ops.varlen import check_varlen_metadata
+
+    cpu = torch.device("cpu")
+    check_varlen_metadata(torch.tensor([0, 3, 5], dtype=torch.int32), 3, cpu)
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32 tensor"):
+        check_varlen_metadata(torch.tensor([0, 3, 5]), 3, cpu)  # int64
+    with pytest.raises(ValueError, match="N \\+ 1 >= 2 entries"):
+        check_varlen_metadata(torch.tensor([0], dtype=torch.int32), 3, cpu)
+    with pytest.raises(ValueError, match="max_seqlen must be a non-negative Python int"):
+        check_varlen_metadata(torch.tensor([0, 3], dtype=torch.int32), torch.tensor(3), cpu)
+    with pytest.raises(ValueError, match="cu_seqlens must be on meta"):
+        check_varlen_metadata(torch.tensor([0, 3], dtype=torch.int32), 3, torch.device("meta"))

@@ -18,6 +18,7 @@ from tests.models.parity import hf_alone, padded, random_sequences, save_random_
 from trimformer import Encoder
 from trimformer.models.encoders import read_state_dict
 from trimformer.models.encoders.modernbert import parse_config
+from trimformer.ops.varlen import PackedBatch
 
 VOCAB = 997
 LENS = [1, 2, 17, 64, 129, 300]
@@ -201,3 +202,15 @@ def test_gpu_fp16_within_three_times_hf_fp16(saved, name):
     ours = enc.forward_packed(enc.pack([x.tolist() for x in seqs])).float().cpu()
     err, base_err = (ours - truth).abs().max().item(), (base - truth).abs().max().item()
     assert err <= 3 * base_err + 1e-3, f"{name}: ours {err:.3e} vs HF fp16 {base_err:.3e}"
+
+
+def test_set_impl_switches_every_submodule(saved):
+    folder, hf = saved["base"]
+    model = Encoder.from_pretrained(folder, device="cpu", dtype=torch.float32).model
+    model.set_impl("naive")
+    impls = {m.impl for m in model.modules() if hasattr(m, "impl")}
+    assert impls == {"naive"}
+    seqs = _sequences(seed=5, lens=[3, 20])
+    with torch.no_grad():
+        out = model.forward_packed(PackedBatch.from_token_lists([x.tolist() for x in seqs]))
+    torch.testing.assert_close(out, torch.cat(hf_alone(hf, seqs)), rtol=0, atol=1e-4)

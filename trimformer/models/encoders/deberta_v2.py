@@ -266,13 +266,6 @@ class DebertaV2Model(PackedEncoder):
         self.impl = impl
         self._proj_cache: tuple[tuple, list] | None = None
 
-    def set_impl(self, impl: str) -> None:
-        """Switch the op implementation of every submodule."""
-        self.impl = impl
-        for module in self.modules():
-            if hasattr(module, "impl") and module is not self:
-                module.impl = impl
-
     def position_projections(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Per layer ``(Kr, Qr)`` ``[2 span, heads, head_dim]`` from the shared (normalised) relative embeddings.
 

@@ -19,6 +19,14 @@ class PackedEncoder(nn.Module):
 
     config: object
 
+    def set_impl(self, impl: str) -> None:
+        """Switch the op implementation (``"auto"``, ``"torch"``, ``"naive"``, ``"triton"``) of every submodule that
+        has one (embeddings, layers, and the family's extra parts)."""
+        self.impl = impl
+        for module in self.modules():
+            if module is not self and hasattr(module, "impl"):
+                module.impl = impl
+
     def forward_packed(self, batch: PackedBatch) -> torch.Tensor:
         """Encode a packed batch.
 
@@ -100,12 +108,6 @@ class EncoderModel(PackedEncoder):
             for _ in range(config.num_unique_layers)
         )
         self.schedule = config.layer_schedule
-
-    def set_impl(self, impl: str) -> None:
-        """Switch the op implementation of the embeddings and every layer."""
-        self.embeddings.impl = impl
-        for layer in self.layers:
-            layer.impl = impl
 
     def encode(
         self,

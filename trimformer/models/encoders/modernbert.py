@@ -198,13 +198,6 @@ class ModernBertModel(PackedEncoder):
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias, **kw)
         self.impl = impl
 
-    def set_impl(self, impl: str) -> None:
-        """Switch the op implementation of every submodule."""
-        self.impl = impl
-        for module in self.modules():
-            if hasattr(module, "impl") and module is not self:
-                module.impl = impl
-
     def encode(
         self,
         input_ids: torch.Tensor,

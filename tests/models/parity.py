@@ -79,3 +79,32 @@ def save_word_tokenizer(folder, words: list[str]):
     )  # fmt: skip
     fast.save_pretrained(folder)
     return fast
+
+
+def fp16_errors(folder, hf, seqs: list[torch.Tensor]) -> tuple[float, float]:
+    """``(ours, hf16)``: max abs error against HF fp32 run alone of our fp16 CUDA forward of ``seqs`` (model folder
+    ``folder``) and of HF itself in fp16 on the GPU, the baseline our error is judged by."""
+    from trimformer import Encoder
+
+    enc = Encoder.from_pretrained(folder, device="cuda", dtype=torch.float16)
+    truth = torch.cat(hf_alone(hf, seqs))
+    hf16 = type(hf)(hf.config).to("cuda", torch.float16).eval()
+    hf16.load_state_dict(hf.state_dict())
+    base = torch.cat(hf_alone(hf16, [x.cuda() for x in seqs])).float().cpu()
+    ours = enc.forward_packed(enc.pack([x.tolist() for x in seqs])).float().cpu()
+    return (ours - truth).abs().max().item(), (base - truth).abs().max().item()
+
+
+def embed_cli_vectors(tmp_path: Path, texts: list[str], model_dir: Path, flags: list[str]):
+    """``trimformer embed`` of ``texts`` from a file with ``flags`` (pooling/normalisation) on the CPU: the saved
+    ``[N, D]`` numpy array (asserts the command exits 0)."""
+    import numpy as np
+
+    from trimformer.cli import main
+
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    out = tmp_path / "vecs.npy"
+    argv = ["embed", str(tmp_path / "texts.txt"), "--model", str(model_dir), "--device", "cpu", "--output", str(out),
+            *flags, "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    return np.load(out)

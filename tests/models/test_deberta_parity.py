@@ -14,7 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.models.parity import hf_alone, padded, random_sequences, save_random_models, save_word_tokenizer
+from tests.models.parity import (
+    embed_cli_vectors,
+    fp16_errors,
+    hf_alone,
+    padded,
+    random_sequences,
+    save_random_models,
+    save_word_tokenizer,
+)
 from trimformer import Encoder
 from trimformer.models.encoders import read_state_dict
 
@@ -196,8 +204,6 @@ def test_relative_only_model_runs_past_max_position_embeddings(saved, encoders):
 
 
 def test_encoder_embed_and_cli(saved, tmp_path):
-    from trimformer.cli import main
-
     folder, hf = saved["v3"]
     model_dir = tmp_path / "model"
     shutil.copytree(folder, model_dir)
@@ -212,12 +218,8 @@ def test_encoder_embed_and_cli(saved, tmp_path):
         with torch.no_grad():
             truth = hf(input_ids=ids[None]).last_hidden_state[0].mean(0)
         torch.testing.assert_close(vectors[i], truth, rtol=0, atol=1e-4)
-    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
-    out = tmp_path / "vecs.npy"
-    argv = ["embed", str(tmp_path / "texts.txt"), "--model", str(model_dir), "--device", "cpu", "--output", str(out),
-            "--pooling", "mean", "--no-normalize", "--quiet"]  # fmt: skip
-    assert main(argv) == 0
-    np.testing.assert_allclose(np.load(out), vectors.numpy(), rtol=0, atol=1e-5)
+    cli = embed_cli_vectors(tmp_path, texts, model_dir, ["--pooling", "mean", "--no-normalize"])
+    np.testing.assert_allclose(cli, vectors.numpy(), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- GPU
@@ -228,12 +230,5 @@ def test_encoder_embed_and_cli(saved, tmp_path):
 def test_gpu_fp16_within_three_times_hf_fp16(saved, name):
     """Ours in fp16 (Triton kernel) vs HF fp32 stays within 3x HF fp16's own error against HF fp32."""
     folder, hf = saved[name]
-    enc = Encoder.from_pretrained(folder, device="cuda", dtype=torch.float16)
-    seqs = _sequences(seed=8)
-    truth = torch.cat(hf_alone(hf, seqs))
-    hf16 = type(hf)(hf.config).to("cuda", torch.float16).eval()
-    hf16.load_state_dict(hf.state_dict())
-    base = torch.cat(hf_alone(hf16, [x.cuda() for x in seqs])).float().cpu()
-    ours = enc.forward_packed(enc.pack([x.tolist() for x in seqs])).float().cpu()
-    err, base_err = (ours - truth).abs().max().item(), (base - truth).abs().max().item()
+    err, base_err = fp16_errors(folder, hf, _sequences(seed=8))
     assert err <= 3 * base_err + 1e-3, f"{name}: ours {err:.3e} vs HF fp16 {base_err:.3e}"

@@ -20,6 +20,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dtype_reason(x: torch.Tensor) -> str | None:
+    """Why a Triton kernel of this package cannot take ``x``'s dtype on ``x``'s device, or ``None``: fp16, bf16 and
+    fp32 only, and no bf16 on the CPU interpreter (its bf16 arithmetic is broken)."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken; use float16 or float32)"
+    return None
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of host ints (``triton.cdiv`` called from Python is a slow JIT-function call)."""
     return -(-a // b)

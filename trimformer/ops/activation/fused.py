@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import cdiv, interpreting, next_power_of_2
+from trimformer.ops.triton_utils import cdiv, dtype_reason, interpreting, next_power_of_2
 
 #: canonical activation kinds (see ``names.py``) -> the integer code the kernels branch on at compile time.
 ACT_CODES = {"identity": 0, "gelu_erf": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "silu": 5, "tanh": 6}
@@ -21,10 +21,9 @@ ACT_CODES = {"identity": 0, "gelu_erf": 1, "gelu_tanh": 2, "quick_gelu": 3, "rel
 
 def unsupported_reason(x: torch.Tensor, kind: str) -> str | None:
     """Why the kernel cannot take ``x`` with activation ``kind``, or ``None`` when it can."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken)"
+    reason = dtype_reason(x)
+    if reason is not None:
+        return reason
     if kind not in ACT_CODES:
         return f"activation {kind!r}"
     if x.dim() == 0 or x.shape[-1] == 0:

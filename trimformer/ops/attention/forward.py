@@ -24,7 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2, num_sms, padded_head_dim
+from trimformer.ops.triton_utils import (
+    cdiv,
+    dot_precision,
+    dtype_reason,
+    interpreting,
+    next_power_of_2,
+    num_sms,
+    padded_head_dim,
+)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -93,10 +101,9 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
     Args:
         q: ``[..., Hq, D]`` queries; k: ``[..., Hk, D]`` keys (validated for shape by ``api.py``).
     """
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken; use float16 or float32)"
+    reason = dtype_reason(q)
+    if reason is not None:
+        return reason
     d = q.shape[-1]
     if not 1 <= d <= MAX_HEAD_DIM:
         return f"head dim {d} (supported: 1..{MAX_HEAD_DIM})"

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2
+from trimformer.ops.triton_utils import cdiv, dot_precision, dtype_reason, interpreting, next_power_of_2
 
 MAX_HEAD_DIM = 256
 MAX_KERNEL = 8
@@ -371,10 +371,9 @@ def make_meta(q0, w1, w2, cos, *, num_heads, num_kv_heads, qk_mean, value_shift,
 
 def unsupported_reason(q0: torch.Tensor, dh: int, k1: int, k2: int) -> str | None:
     """Why the Triton prologue kernels cannot take this input, or ``None`` (shapes validated by ``api.py``)."""
-    if q0.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q0.dtype} (supported: float16, bfloat16, float32)"
-    if q0.dtype == torch.bfloat16 and q0.device.type == "cpu":
-        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken; use float16 or float32)"
+    reason = dtype_reason(q0)
+    if reason is not None:
+        return reason
     if dh > MAX_HEAD_DIM:
         return f"head dim {dh} (supported: up to {MAX_HEAD_DIM})"
     if max(k1, k2) > MAX_KERNEL:

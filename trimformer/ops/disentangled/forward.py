@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2, num_sms, padded_head_dim
+from trimformer.ops.triton_utils import (
+    cdiv,
+    dot_precision,
+    dtype_reason,
+    interpreting,
+    next_power_of_2,
+    num_sms,
+    padded_head_dim,
+)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -57,10 +65,9 @@ def default_config(head_dim: int, max_seqlen: int, *, programs: int = 0, sms: in
 
 def unsupported_reason(q: torch.Tensor) -> str | None:
     """Why the kernel cannot take ``q`` (``[T, H, D]``), or ``None`` when it can."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken; use float16 or float32)"
+    reason = dtype_reason(q)
+    if reason is not None:
+        return reason
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (supported: 1..{MAX_HEAD_DIM})"
     if q.shape[-2] > _MAX_GRID_YZ:

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from trimformer.ops.activation.fused import ACT_CODES, apply_activation
-from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting, next_power_of_2, num_sms
+from trimformer.ops.triton_utils import cdiv, dot_precision, dtype_reason, interpreting, next_power_of_2, num_sms
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -66,10 +66,9 @@ class GemmConfig:
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, kind: str) -> str | None:
     """Why the Triton GEMM cannot take these inputs, or ``None`` when it can."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken)"
+    reason = dtype_reason(x)
+    if reason is not None:
+        return reason
     if kind not in ACT_CODES:
         return f"activation {kind!r}"
     if weight.shape[1] == 0 or weight.shape[0] == 0:

@@ -15,17 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import cdiv, interpreting, next_power_of_2, num_sms
+from trimformer.ops.triton_utils import cdiv, dtype_reason, interpreting, next_power_of_2, num_sms
 
 MAX_HIDDEN = 16384
 
 
 def unsupported_reason(x: torch.Tensor) -> str | None:
     """Why the kernel cannot take ``x`` (``[..., H]``), or ``None`` when it can."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken)"
+    reason = dtype_reason(x)
+    if reason is not None:
+        return reason
     if x.shape[-1] > MAX_HIDDEN:
         return f"hidden size {x.shape[-1]} above {MAX_HIDDEN}"
     return None

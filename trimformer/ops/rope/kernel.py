@@ -13,15 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import cdiv, interpreting, next_power_of_2
+from trimformer.ops.triton_utils import cdiv, dtype_reason, interpreting, next_power_of_2
 
 
 def unsupported_reason(x: torch.Tensor, cos: torch.Tensor) -> str | None:
     """Why the kernel cannot rotate ``x`` with tables ``cos``, or ``None`` when it can."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {x.dtype} (supported: float16, bfloat16, float32)"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "bfloat16 under the Triton CPU interpreter (its bf16 arithmetic is broken)"
+    reason = dtype_reason(x)
+    if reason is not None:
+        return reason
     if cos.dtype != torch.float32:
         return f"cos/sin dtype {cos.dtype} (the kernel reads float32 tables)"
     if x.stride(-1) != 1:

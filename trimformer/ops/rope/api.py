@@ -126,20 +126,15 @@ def apply_rotary(
 
         return naive_apply_rotary(x, cos, sin, r)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
-    if impl == "auto":
-        impl = (
-            "triton"
-            if x.is_cuda and not needs_grad and _kernel_module().unsupported_reason(x, cos) is None
-            else "torch"
-        )
-    if impl == "triton":
-        reason = "inputs require grad (the kernel is forward-only)" if needs_grad else None
-        reason = reason or _kernel_module().unsupported_reason(x, cos)
+    if impl == "triton" or (impl == "auto" and x.is_cuda):
+        kernel = _kernel_module()
+        reason = "inputs require grad (the kernel is forward-only)" if needs_grad else kernel.unsupported_reason(x, cos)
         if reason is None and cos.device != x.device:
             reason = f"cos/sin on {cos.device}, x on {x.device}"
-        if reason is not None:
+        if reason is None:
+            return kernel.rope_fwd(x, cos, sin.to(cos.dtype), r)
+        if impl == "triton":
             raise ValueError(f"impl='triton' cannot run apply_rotary: {reason}")
-        return _kernel_module().rope_fwd(x, cos, sin.to(cos.dtype), r)
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     half = r // 2
     c = cos.to(wide).unsqueeze(-2)

@@ -20,7 +20,7 @@ from trimformer.testing.sm90 import compile_for_sm90, has_nvidia_backend
 
 triton = pytest.importorskip("triton")
 
-from trimformer.ops.cca import prologue_bwd  # noqa: E402
+from trimformer.ops.cca import prologue_bwd, prologue_fwd, prologue_gemm  # noqa: E402
 
 F64 = torch.float64
 WEIGHTS = ("conv1_weight", "conv1_bias", "conv2_weight", "conv2_bias", "temperature")
@@ -88,15 +88,36 @@ def _close(a, b, rel, what):
 # ----------------------------------------------------------------------------------------------- interpreter
 
 
+def _force_path(monkeypatch, path):
+    """Make the prefill forward take the one-kernel (``"fused"``) or the two-kernel (``"gemm"``) path."""
+    monkeypatch.setattr(prologue_fwd, "GEMM_MIN_ROWS", 0 if path == "gemm" else 1 << 62)
+
+
 @pytest.mark.interpret
+@pytest.mark.parametrize("path", ["gemm", "fused"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_and_final_state_fp32(name):
+def test_forward_and_final_state_fp32(name, path, monkeypatch):
+    _force_path(monkeypatch, path)
     case, kw = CASES[name]
     inp = make_case(**case)
     q, k, v, (cs, vs) = _ref(inp, kw, return_final_state=True)
     got = cca_prologue(**cast(inp, torch.float32), **kw, return_final_state=True, impl="triton")
     for a, b, what in zip((*got[:3], *got[3]), (q, k, v, cs, vs), ("q", "k", "v", "conv_state", "value_state")):
         assert a.dtype == torch.float32, what
+        _close(a, b, 3e-6, what)
+
+
+@pytest.mark.interpret
+def test_gemm_forward_grid_split_over_documents(monkeypatch):
+    """The two-kernel forward launched in slices of documents (as beyond 65535 documents, here 2 per launch): each
+    slice finds its documents' scratch rows (halo offsets count the documents before the slice) and states."""
+    monkeypatch.setattr(prologue_gemm, "_MAX_GRID", 2)
+    _force_path(monkeypatch, "gemm")
+    case, kw = CASES["mqa-k2x3-norope-off"]
+    inp = make_case(**{**case, "lens": (9, 0, 4, 17, 1)})
+    q, k, v, (cs, vs) = _ref(inp, kw, return_final_state=True)
+    got = cca_prologue(**cast(inp, torch.float32), **kw, return_final_state=True, impl="triton")
+    for a, b, what in zip((*got[:3], *got[3]), (q, k, v, cs, vs), ("q", "k", "v", "conv_state", "value_state")):
         _close(a, b, 3e-6, what)
 
 
@@ -249,7 +270,7 @@ def test_explicit_triton_raises_and_auto_falls_back():
 # subprocess with TRITON_INTERPRET=0 and a stand-in driver: the interpreter runs code the GPU compiler rejects (e.g. a
 # runtime if/else that re-binds one name to tiles of two shapes), which this catches on a CPU-only machine.
 _SM90_COMPILE = r"""
-from trimformer.ops.cca import prologue_bwd as pb, prologue_fwd as pf
+from trimformer.ops.cca import prologue_bwd as pb, prologue_fwd as pf, prologue_gemm as pg
 pb.num_sms = tu.num_sms
 
 def case(hq, hk, dh, dt, convs, rot, **flags):
@@ -264,7 +285,9 @@ def case(hq, hk, dh, dt, convs, rot, **flags):
     cst = r(2, c, meta.pad) if meta.pad else None
     vst = r(2, hk * dh // 2)
     w = [w1, b1, w2, b2, r(hk)]
-    pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, cst, vst, True)
+    pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, cst, vst, True, config=pf.default_fwd_config(dh))
+    if convs == 2:
+        pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, cst, vst, False, config=pg.default_gemm_config(dh))
     pf.cca_decode_prologue_fwd(meta, *[x[:2] for x in lat], r(2, c, meta.pad), vst.clone(), *w,
                                cos[:2] if rot else None, sin[:2] if rot else None)
     g = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]
@@ -288,8 +311,8 @@ def test_kernels_compile_for_sm90():
         pytest.skip("this Triton build has no NVIDIA backend (compiler and ptxas) to compile sm_90 kernels with")
     proc = compile_for_sm90(_SM90_COMPILE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    names = {"_cca_fwd_kernel", "_final_state_kernel", "_cca_bwd_norm_kernel", "_cca_bwd_dx_kernel",
-             "_cca_bwd_dw2_kernel", "_reduce_kernel"}  # fmt: skip
+    names = {"_cca_fwd_kernel", "_conv1_scratch_kernel", "_conv2_gemm_kernel", "_final_state_kernel",
+             "_cca_bwd_norm_kernel", "_cca_bwd_dx_kernel", "_cca_bwd_dw2_kernel", "_reduce_kernel"}  # fmt: skip
     assert all(n in proc.stdout for n in names), proc.stdout
 
 

@@ -49,6 +49,28 @@ class FwdConfig:
     num_stages: int = 1
 
 
+@dataclass(frozen=True)
+class GemmFwdConfig:
+    """Launch configuration of the two-kernel prefill forward (``prologue_gemm.py``): ``block_t`` rows,
+    ``num_warps`` and pipelining depth ``num_stages`` of the conv2 GEMM kernel; ``conv_block_t`` rows and
+    ``conv_warps`` of the conv1 kernel."""
+
+    block_t: int
+    num_warps: int
+    num_stages: int
+    conv_block_t: int = 64
+    conv_warps: int = 4
+
+
+GEMM_MIN_ROWS = 0  # prefill with two convs takes the two-kernel forward from this many rows (NOTES.md, v4)
+
+
+def use_gemm_path(meta: Meta, rows: int) -> bool:
+    """Whether the prefill forward of ``rows`` packed tokens runs the two-kernel path (conv1 scratch + conv2 GEMM)
+    rather than the one-kernel forward: only with both convolutions, from :data:`GEMM_MIN_ROWS` rows."""
+    return meta.num_convs == 2 and rows >= GEMM_MIN_ROWS
+
+
 @functools.lru_cache(maxsize=64)
 def default_fwd_config(head_dim: int, decode: bool = False) -> FwdConfig:
     """Hand-picked configuration (see NOTES.md); 16 rows under the interpreter and for decode batches."""
@@ -208,6 +230,56 @@ def _head_scale(TEMP, hh, sqrt_dh, HQ: tl.constexpr, EXP_TEMP: tl.constexpr):
 
 
 @triton.jit
+def _store_qk(za, zb, zc, TEMP, COS, SIN, Q, K, s_cos, s_sin, s_qt, s_qh, s_kt, s_kh, hh, grow, row_ok, sqrt_dh, eps,
+              HQ: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr,
+              EXP_TEMP: tl.constexpr):  # fmt: skip
+    """QK-norm x temperature and rotate-half RoPE of ``z = (za, zb, zc)`` (see :func:`_head_z`), stored to head
+    ``hh`` of ``Q`` (query head) or ``K`` (key head ``hh - HQ``) for the rows ``grow``."""
+    sumsq = tl.sum(za * za, 1) + tl.sum(zb * zb, 1) + tl.sum(zc * zc, 1)
+    f = (_head_scale(TEMP, hh, sqrt_dh, HQ, EXP_TEMP) / tl.maximum(tl.sqrt(sumsq), eps))[:, None]
+    g64 = grow.to(tl.int64)[:, None]
+    if hh < HQ:
+        O = Q + hh * s_qh
+    else:
+        O = K + (hh - HQ) * s_kh
+    so = tl.where(hh < HQ, s_qt, s_kt)
+    ra = tl.arange(0, RB)
+    rn = tl.arange(0, NB)
+    if HALF > 0:
+        ok_r = row_ok[:, None] & (ra < HALF)[None, :]
+        cs = tl.load(COS + g64 * s_cos + ra[None, :], mask=ok_r, other=0.0).to(tl.float32)
+        sn = tl.load(SIN + g64 * s_sin + ra[None, :], mask=ok_r, other=0.0).to(tl.float32)
+        tl.store(O + g64 * so + ra[None, :], ((za * cs - zb * sn) * f).to(O.dtype.element_ty), mask=ok_r)
+        tl.store(O + g64 * so + HALF + ra[None, :], ((zb * cs + za * sn) * f).to(O.dtype.element_ty), mask=ok_r)
+    if NOPE > 0:
+        ok_n = row_ok[:, None] & (rn < NOPE)[None, :]
+        tl.store(O + g64 * so + 2 * HALF + rn[None, :], (zc * f).to(O.dtype.element_ty), mask=ok_n)
+
+
+@triton.jit
+def _store_v(VC, VD, VST, V, s_vc, s_vd, s_vsn, s_vt, s_vh, j, grow, offs, docs, row_ok, HK: tl.constexpr,
+             DH: tl.constexpr, BD: tl.constexpr, VALUE_SHIFT: tl.constexpr, HAS_VST: tl.constexpr):  # fmt: skip
+    """Value head ``j`` for the rows ``grow``: flat column ``f < Ck/2`` from ``v_cur``, the rest from ``v_del`` of
+    the previous token (the value state before a document's first token) or, without the shift, of this token."""
+    VHALF: tl.constexpr = HK * DH // 2
+    rd = tl.arange(0, BD)
+    g64 = grow.to(tl.int64)[:, None]
+    fc = j * DH + rd
+    ok_v = row_ok[:, None] & (rd < DH)[None, :]
+    cur = (fc < VHALF)[None, :]
+    v = tl.load(VC + g64 * s_vc + fc[None, :], mask=ok_v & cur, other=0.0)
+    fd = (fc - VHALF)[None, :]
+    if VALUE_SHIFT:
+        prev = offs[:, None] >= 1
+        v += tl.load(VD + (g64 - 1) * s_vd + fd, mask=ok_v & (~cur) & prev, other=0.0)
+        if HAS_VST:
+            v += tl.load(VST + docs.to(tl.int64)[:, None] * s_vsn + fd, mask=ok_v & (~cur) & (~prev), other=0.0)
+    else:
+        v += tl.load(VD + g64 * s_vd + fd, mask=ok_v & (~cur), other=0.0)
+    tl.store(V + g64 * s_vt + j * s_vh + rd[None, :], v, mask=ok_v)
+
+
+@triton.jit
 def _cca_fwd_kernel(
     Q0, K0, VC, VD, W1, B1, W2T, B2, TEMP, COS, SIN, CU, CST, VST, Q, K, V,
     s_q0, s_k0, s_vc, s_vd, s_w1c, s_w1k, s_t0, s_t1, s_cos, s_sin, s_cn, s_cc, s_cp, s_vsn,
@@ -238,25 +310,8 @@ def _cca_fwd_kernel(
     za, zb, zc = _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, s_cn, s_cc, s_cp,
                          hh, grow, offs, docs, row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE, NB, K1, K2, P, NUM_CONVS,
                          QK_MEAN, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
-    sumsq = tl.sum(za * za, 1) + tl.sum(zb * zb, 1) + tl.sum(zc * zc, 1)
-    f = (_head_scale(TEMP, hh, sqrt_dh, HQ, EXP_TEMP) / tl.maximum(tl.sqrt(sumsq), eps))[:, None]
-    g64 = grow.to(tl.int64)[:, None]
-    if hh < HQ:
-        O = Q + hh * s_qh
-    else:
-        O = K + (hh - HQ) * s_kh
-    so = tl.where(hh < HQ, s_qt, s_kt)
-    ra = tl.arange(0, RB)
-    rn = tl.arange(0, NB)
-    if HALF > 0:
-        ok_r = row_ok[:, None] & (ra < HALF)[None, :]
-        cs = tl.load(COS + g64 * s_cos + ra[None, :], mask=ok_r, other=0.0).to(tl.float32)
-        sn = tl.load(SIN + g64 * s_sin + ra[None, :], mask=ok_r, other=0.0).to(tl.float32)
-        tl.store(O + g64 * so + ra[None, :], ((za * cs - zb * sn) * f).to(O.dtype.element_ty), mask=ok_r)
-        tl.store(O + g64 * so + HALF + ra[None, :], ((zb * cs + za * sn) * f).to(O.dtype.element_ty), mask=ok_r)
-    if NOPE > 0:
-        ok_n = row_ok[:, None] & (rn < NOPE)[None, :]
-        tl.store(O + g64 * so + 2 * HALF + rn[None, :], (zc * f).to(O.dtype.element_ty), mask=ok_n)
+    _store_qk(za, zb, zc, TEMP, COS, SIN, Q, K, s_cos, s_sin, s_qt, s_qh, s_kt, s_kh, hh, grow, row_ok, sqrt_dh,
+              eps, HQ, HALF, RB, NOPE, NB, EXP_TEMP)  # fmt: skip
     if DECODE:
         if P > 0:  # conv state <- the last P rows of the window [state ; x_t], read before any program writes
             if hh < HQ:
@@ -275,29 +330,17 @@ def _cca_fwd_kernel(
             tl.debug_barrier()
             st = CST + docs.to(tl.int64)[:, None] * s_cn + (c0 + w_d[None, :]) * s_cc + w_p[None, :] * s_cp
             tl.store(st, win.to(CST.dtype.element_ty), mask=row_ok[:, None] & w_ok[None, :])
-    # value head of a key-head program: flat column f < Ck/2 from v_cur, the rest from the (shifted) v_del
-    VHALF: tl.constexpr = HK * DH // 2
-    rd = tl.arange(0, BD)
     if hh >= HQ:
-        j = hh - HQ
-        fc = j * DH + rd
-        ok_v = row_ok[:, None] & (rd < DH)[None, :]
-        cur = (fc < VHALF)[None, :]
-        v = tl.load(VC + g64 * s_vc + fc[None, :], mask=ok_v & cur, other=0.0)
-        fd = (fc - VHALF)[None, :]
-        if VALUE_SHIFT:
-            prev = offs[:, None] >= 1
-            v += tl.load(VD + (g64 - 1) * s_vd + fd, mask=ok_v & (~cur) & prev, other=0.0)
-            if HAS_VST:
-                vs_ptr = VST + docs.to(tl.int64)[:, None] * s_vsn + fd
-                v += tl.load(vs_ptr, mask=ok_v & (~cur) & (~prev), other=0.0)
-        else:
-            v += tl.load(VD + g64 * s_vd + fd, mask=ok_v & (~cur), other=0.0)
-        tl.store(V + g64 * s_vt + j * s_vh + rd[None, :], v, mask=ok_v)
-        if DECODE:  # value state <- this token's delayed projection (the old one was read just above)
-            vnew = tl.load(VD + g64 * s_vd + fd, mask=ok_v & (~cur), other=0.0)
+        _store_v(VC, VD, VST, V, s_vc, s_vd, s_vsn, s_vt, s_vh, hh - HQ, grow, offs, docs, row_ok, HK, DH, BD,
+                 VALUE_SHIFT, HAS_VST)  # fmt: skip
+        if DECODE:  # value state <- this token's delayed projection (the old one was read by _store_v)
+            VHALF: tl.constexpr = HK * DH // 2
+            rd = tl.arange(0, BD)
+            fd = ((hh - HQ) * DH + rd - VHALF)[None, :]
+            ok_d = row_ok[:, None] & (rd < DH)[None, :] & (fd >= 0)
+            vnew = tl.load(VD + grow.to(tl.int64)[:, None] * s_vd + fd, mask=ok_d, other=0.0)
             tl.debug_barrier()
-            tl.store(VST + docs.to(tl.int64)[:, None] * s_vsn + fd, vnew, mask=ok_v & (~cur))
+            tl.store(VST + docs.to(tl.int64)[:, None] * s_vsn + fd, vnew, mask=ok_d)
 
 
 @triton.jit
@@ -464,9 +507,10 @@ def final_states(meta: Meta, q0, k0, v_del, cu, cst, vst) -> tuple[torch.Tensor,
 
 def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens,
                      max_seqlen, initial_conv_state, initial_value_state, return_final_state,
-                     config: FwdConfig | None = None, w2t: torch.Tensor | None = None):  # fmt: skip
+                     config: FwdConfig | GemmFwdConfig | None = None, w2t: torch.Tensor | None = None):  # fmt: skip
     """Prefill forward (arguments as :func:`trimformer.ops.cca.cca_prologue`, validated there; ``w2t``: a
-    precomputed :func:`conv2_transposed` of ``w2``).
+    precomputed :func:`conv2_transposed` of ``w2``). ``config``: a :class:`FwdConfig` runs the one-kernel forward,
+    a :class:`GemmFwdConfig` the two-kernel one (two convolutions only), ``None`` picks by :func:`use_gemm_path`.
 
     Returns:
         ``(q [T, h, d_h], k [T, h_k, d_h], v [T, h_k, d_h], final | None)`` in the dtype of ``q0``.
@@ -477,9 +521,15 @@ def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatu
     k = torch.empty(t, meta.hk, meta.dh, dtype=q0.dtype, device=q0.device)
     v = torch.empty(t, meta.hk, meta.dh, dtype=q0.dtype, device=q0.device)
     cst = initial_conv_state if meta.pad else None
-    w2t = conv2_transposed(w2) if w2t is None else w2t
-    launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2t, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,
-               initial_value_state, q, k, v, decode=False, config=config)  # fmt: skip
+    if meta.num_convs == 2 and (isinstance(config, GemmFwdConfig) or (config is None and use_gemm_path(meta, t))):
+        from trimformer.ops.cca.prologue_gemm import launch_gemm_fwd
+
+        launch_gemm_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens, max_seqlen,
+                        cst, initial_value_state, q, k, v, config=config)  # fmt: skip
+    else:
+        w2t = conv2_transposed(w2) if w2t is None else w2t
+        launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2t, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,
+                   initial_value_state, q, k, v, decode=False, config=config)  # fmt: skip
     final = final_states(meta, q0, k0, v_del, cu_seqlens, cst, initial_value_state) if return_final_state else None
     return q, k, v, final
 
@@ -500,10 +550,12 @@ def cca_decode_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, conv_state, value_
 
 __all__ = [
     "FwdConfig",
+    "GemmFwdConfig",
     "Meta",
     "cca_decode_prologue_fwd",
     "cca_prologue_fwd",
     "conv2_transposed",
     "make_meta",
     "unsupported_reason",
+    "use_gemm_path",
 ]

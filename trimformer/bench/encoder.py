@@ -6,8 +6,9 @@ Parts (``--part``, comma list or ``all``):
   in ``[0.2 S, S]`` (fixed seeds; ``--small-batch-seeds`` of them for ``B <= 2``), per ``(dtype, B, S)``:
   HF ``BertModel`` eager and sdpa on the padded batch, HF sdpa + ``torch.compile`` (``--compile``), a plain-PyTorch
   packed encoder (``F.linear`` + ``varlen_attn`` + ``F.layer_norm`` + ``F.gelu``) replayed from a CUDA graph (the
-  competent-user baseline), and trimformer (``Encoder`` on the packed batch, CUDA graphs; eager too). Every provider
-  runs the full model (embeddings + 12 layers) and is timed per call with CUDA events (median).
+  competent-user baseline), and trimformer (``Encoder`` on the packed batch, CUDA graphs up to the run's largest
+  batch like the baseline; eager too). Every provider runs the full model (embeddings + 12 layers) and is timed per
+  call with CUDA events (median).
 * ``attention``: the MHA-only microbenchmark at ``B = 16`` (the ``attention-kernel`` suite's point function).
 * ``ladder``: the fusion ladder at ``B = 16``: padded HF sdpa -> packed GEMMs (plain PyTorch) -> + fused
   bias/residual/LayerNorm -> + fused bias/GELU -> + our attention (= trimformer eager) -> + CUDA graphs; every rung
@@ -77,14 +78,25 @@ def _time(fn, iters: int, warmup: int = 3) -> list[float]:
 # ------------------------------------------------------------------------------------------------ models
 
 
-class Models:
-    """BERT-base in one dtype: HF (eager, sdpa) and trimformer's ``Encoder`` with the same random weights."""
+def graph_tokens(batches: list[int], seqs: list[int]) -> int:
+    """CUDA-graph token limit for a run over these ``B`` and ``S``: the bucket of the largest possible batch
+    (``max B x max S`` tokens), at least the engine's default. The packed baseline always replays a graph, so
+    trimformer must too for a fair comparison (with the engine default, B = 64, S = 512 ran eagerly)."""
+    from trimformer.engine.cuda_graphs import DEFAULT_MAX_TOKENS, token_bucket
 
-    def __init__(self, dtype, tmp):
+    return max(DEFAULT_MAX_TOKENS, token_bucket(max(batches) * max(seqs)))
+
+
+class Models:
+    """BERT-base in one dtype: HF (eager, sdpa) and trimformer's ``Encoder`` with the same random weights; the
+    Encoder captures CUDA graphs up to ``max_graph_tokens`` tokens (default: the engine's)."""
+
+    def __init__(self, dtype, tmp, max_graph_tokens: int | None = None):
         import torch
         from transformers import BertConfig, BertModel
 
         from trimformer import Encoder
+        from trimformer.engine.cuda_graphs import DEFAULT_MAX_TOKENS
 
         c = BERT_BASE
         cfg = BertConfig(hidden_size=c["hidden"], num_attention_heads=c["heads"], num_hidden_layers=c["layers"],
@@ -97,7 +109,9 @@ class Models:
         for attn in ("eager", "sdpa"):
             m = BertModel.from_pretrained(tmp, attn_implementation=attn, add_pooling_layer=False, dtype=dtype)
             self.hf[attn] = m.to("cuda").eval()
-        self.enc = Encoder.from_pretrained(tmp, device="cuda", dtype=dtype)
+        self.enc = Encoder.from_pretrained(
+            tmp, device="cuda", dtype=dtype, cuda_graph_tokens=max_graph_tokens or DEFAULT_MAX_TOKENS
+        )
         self.model = self.enc.model
         self.dtype = dtype
         self._compiled = None
@@ -196,7 +210,7 @@ def _providers(models: Models, p: Point, names: list[str]):
                 lambda: plain_packed_forward(models.model, b.input_ids, b.position_ids, b.cu_seqlens, b.max_seqlen)
             )
     if "trimformer" in names:
-        out["trimformer"] = lambda: models.enc._forward(b)  # CUDA graph up to its token limit, else eager
+        out["trimformer"] = lambda: models.enc._forward(b)  # CUDA graph (limit: graph_tokens of the run's sizes)
     if "trimformer-eager" in names:
         out["trimformer-eager"] = lambda: models.model.forward_packed(b)
     return out
@@ -212,7 +226,7 @@ def _part_latency(args, rec, log, md):
     cols = [c for c in cols if c in names]
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name.strip())
-        models = Models(dtype, args.tmp / dtype_name)
+        models = Models(dtype, args.tmp / dtype_name, graph_tokens(int_list(args.batches), int_list(args.seqs)))
         rows, plot = [], {}
         for b in int_list(args.batches):
             for s in int_list(args.seqs):

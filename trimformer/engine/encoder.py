@@ -104,6 +104,7 @@ class Encoder:
         dtype: torch.dtype | str | None = None,
         impl: str = "auto",
         cuda_graphs: bool = True,
+        cuda_graph_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> Encoder:
         """Load a local HF folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``).
 
@@ -113,8 +114,11 @@ class Encoder:
             dtype: ``"float32"``/``"fp32"``, ``"float16"``/``"fp16"``, ``"bfloat16"``/``"bf16"`` or a torch dtype;
                 ``None`` picks float32 on CPU and float16 on CUDA.
             impl: op implementation (``"auto"``; ``"torch"`` or ``"naive"`` for debugging).
-            cuda_graphs: on a GPU, replay CUDA graphs for batches up to the default token budget (see
+            cuda_graphs: on a GPU, replay CUDA graphs for batches up to ``cuda_graph_tokens`` (see
                 :attr:`use_cuda_graphs`).
+            cuda_graph_tokens: largest token bucket captured as a CUDA graph (default 16384, the default ``embed``
+                token budget); larger batches run eagerly. Each captured bucket keeps its static inputs and its
+                ``[tokens, hidden]`` output; the activations of all graphs share one memory pool.
 
         Raises:
             ValueError: unknown folder, unsupported ``model_type`` (lists the supported ones), checkpoint that does
@@ -125,7 +129,7 @@ class Encoder:
         if not isinstance(path, (str, Path)):
             raise ValueError(f"path must be a folder path, got {type(path).__name__}")
         model = load_encoder(path, device=device, dtype=dtype, impl=impl)
-        return cls(model, path, cuda_graphs=cuda_graphs)
+        return cls(model, path, cuda_graphs=cuda_graphs, cuda_graph_tokens=cuda_graph_tokens)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -1,6 +1,18 @@
-"""Small helpers shared by the Triton launchers: interpreter detection, block sizing, device facts.
+"""Small helpers shared by the Triton launchers: interpreter detection, block sizing, device facts, and programmatic
+dependent launch (PDL).
 
-Nothing here launches a kernel or reads device memory; every helper is host-only and cheap.
+Nothing here launches a kernel or reads device memory; the host helpers are cheap, the ``@triton.jit`` ones are
+inlined into the kernels that call them.
+
+**PDL** (sm_90+, :func:`pdl_enabled`): a kernel launched with ``launch_pdl=True`` may start while the previous kernel
+on the stream drains (after every program of that one has called :func:`gdc_launch_dependents` or exited). Each
+kernel of this package that supports it takes a ``PDL: tl.constexpr`` flag and, when it is set, calls
+:func:`gdc_wait` before its first global read of anything an earlier kernel may have written *and* before its first
+global store (the caching allocator hands a freed buffer to the next op while the previous kernel may still read it);
+only constant inputs (weights, biases, LayerNorm parameters) are touched before it, and :func:`prefetch_l2` may pull
+weights into L2 there. Every program of a PDL-launched kernel executes the wait, so completion stays transitive along
+the stream: a kernel that finished implies every kernel before it finished. ``TRIMFORMER_PDL=0`` turns it off (A/B
+measurements, debugging); the CPU interpreter and pre-Hopper GPUs never use it.
 """
 
 from __future__ import annotations
@@ -9,6 +21,25 @@ import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
+
+try:  # grid dependency control (triton >= 3.2); without it the kernels' PDL branches are never compiled
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _HAS_GDC = True
+except ImportError:  # pragma: no cover - old Triton
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        """No-op stand-in (this Triton has no grid dependency control)."""
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        """No-op stand-in (this Triton has no grid dependency control)."""
+        pass
 
 
 @functools.cache
@@ -60,3 +91,30 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch: a CUDA device of compute capability
+    >= 9.0, compiled kernels (not ``TRITON_INTERPRET=1``, whose interpreter has no grid dependency control), a Triton
+    that has it, and ``TRIMFORMER_PDL`` not ``"0"`` (read on every call, so a process can A/B it)."""
+    if device.type != "cuda" or interpreting() or not _HAS_GDC or os.environ.get("TRIMFORMER_PDL", "1") == "0":
+        return False
+    return _pdl_device(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit
+def prefetch_l2(ptrs, nbytes):
+    """Ask the copy engine to pull ``nbytes`` (a multiple of 16) from each 16-byte aligned address in ``ptrs`` into
+    L2 (``cp.async.bulk.prefetch.L2``, sm_90; asynchronous, no registers or shared memory, never faults the kernel's
+    ordering). For constant operands (weights) before :func:`gdc_wait`: their read then overlaps the previous kernel.
+    Compiled only behind a ``PDL`` flag (the interpreter cannot run inline PTX)."""
+    sizes = tl.full(ptrs.shape, nbytes, tl.int32)
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;", "=r,l,r", [ptrs, sizes], dtype=tl.int32,
+        is_pure=False, pack=1,
+    )  # fmt: skip

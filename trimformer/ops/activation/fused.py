@@ -13,7 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.triton_utils import cdiv, dtype_reason, interpreting, next_power_of_2
+from trimformer.ops.triton_utils import (
+    cdiv,
+    dtype_reason,
+    gdc_launch_dependents,
+    gdc_wait,
+    interpreting,
+    next_power_of_2,
+    pdl_enabled,
+)
 
 #: canonical activation kinds (see ``names.py``) -> the integer code the kernels branch on at compile time.
 ACT_CODES = {"identity": 0, "gelu_erf": 1, "gelu_tanh": 2, "quick_gelu": 3, "relu": 4, "silu": 5, "tanh": 6}
@@ -107,15 +115,22 @@ def _bias_act_kernel(
     ACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     mask = (rows < n_rows)[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)
+    if HAS_BIAS:  # a constant: loaded before the PDL wait
+        bias = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if PDL:
+        gdc_wait()
     h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
     if HAS_BIAS:
-        h += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        h += bias
     h = apply_activation(h, ACT)
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], h.to(Y.dtype.element_ty), mask=mask)
 
@@ -145,9 +160,11 @@ def bias_act_fwd(
         return y
     block_n = min(next_power_of_2(n), 256 if interpreting() else 1024)
     block_m = max(1, (1024 if interpreting() else 4096) // block_n)
+    pdl = pdl_enabled(x.device)
     _bias_act_kernel[(cdiv(m, block_m), cdiv(n, block_n))](
         x2, bias if bias is not None else x2, y2, m, n, x2.stride(0), y2.stride(0),
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
     )  # fmt: skip
     return y
 

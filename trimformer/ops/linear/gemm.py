@@ -29,7 +29,18 @@ import triton
 import triton.language as tl
 
 from trimformer.ops.activation.fused import ACT_CODES, apply_activation
-from trimformer.ops.triton_utils import cdiv, dot_precision, dtype_reason, interpreting, next_power_of_2, num_sms
+from trimformer.ops.triton_utils import (
+    cdiv,
+    dot_precision,
+    dtype_reason,
+    gdc_launch_dependents,
+    gdc_wait,
+    interpreting,
+    next_power_of_2,
+    num_sms,
+    pdl_enabled,
+    prefetch_l2,
+)
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -74,6 +85,26 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, kind: str) -> str 
     if weight.shape[1] == 0 or weight.shape[0] == 0:
         return f"empty weight {tuple(weight.shape)}"
     return None
+
+
+#: under PDL, each program's weight rows are prefetched into L2 before it waits for the previous kernel (the sweep
+#: in NOTES.md, round 5, switches it off for A/B measurements).
+PREFETCH_WEIGHTS = {"enabled": True}
+
+
+def _pdl_meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
+    """Launch options for programmatic dependent launch (``triton_utils.pdl_enabled``) and the weight prefetch
+    (16-byte aligned weight rows of whole 16-byte multiples only)."""
+    size = weight.element_size()
+    pdl = pdl_enabled(x.device)
+    prefetch = (
+        pdl
+        and PREFETCH_WEIGHTS["enabled"]
+        and weight.data_ptr() % 16 == 0
+        and (weight.stride(0) * size) % 16 == 0
+        and (weight.shape[1] * size) % 16 == 0
+    )
+    return dict(PDL=pdl, PREFETCH=prefetch, ELEM_BYTES=size, launch_pdl=pdl)
 
 
 @functools.cache
@@ -216,13 +247,37 @@ def _store_pointers(acc, B, Y, off_m, off_n, M, N, stride_ym, HAS_BIAS: tl.const
 
 
 @triton.jit
+def _prefetch_weight(W, off_m, off_n, N, stride_wn, k0, nbytes, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr):  # fmt: skip
+    """L2 prefetch of the ``BLOCK_N`` weight rows of the column tile at ``off_n`` (``nbytes`` each from column
+    ``k0``), issued by the first row tile of each ``GROUP_M`` group only (the others share those rows in L2)."""
+    if (off_m // BLOCK_M) % GROUP_M == 0:
+        rows = tl.minimum(off_n + tl.arange(0, BLOCK_N), N - 1)
+        prefetch_l2(W + rows.to(tl.int64) * stride_wn + k0, nbytes)
+
+
+@triton.jit
+def _pdl_prologue(W, tile, M, N, stride_wn, k0, nbytes, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP_M: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    """Under PDL: prefetch the (constant) weight rows of ``tile`` into L2 while the previous kernel drains, then wait
+    for it (every program, before any read of ``x`` or any store)."""
+    if PDL:
+        if PREFETCH:
+            off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _prefetch_weight(W, off_m, off_n, N, stride_wn, k0, nbytes, BLOCK_M, BLOCK_N, GROUP_M)
+        gdc_wait()
+
+
+@triton.jit
 def _pointer_tile(X, W, B, Y, tile, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                   ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  GROUP_M: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
-                  DOT_PREC: tl.constexpr):  # fmt: skip
+                  GROUP_M: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
+                  PDL: tl.constexpr):  # fmt: skip
     off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mma_pointers(X, W, off_m, off_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                         DOT_PREC)  # fmt: skip
+    if PDL:  # the next kernel may start launching while this epilogue runs (it waits for our stores)
+        gdc_launch_dependents()
     if SPLIT == 2:
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
         _store_pointers(left, B, Y, off_m, off_n, M, N, stride_ym, HAS_BIAS, ACT, BLOCK_M, BLOCK_N // 2)
@@ -235,9 +290,11 @@ def _pointer_tile(X, W, B, Y, tile, M, N, K, stride_xm, stride_wn, stride_ym, HA
 @triton.jit
 def _descriptor_tile(x_desc, w_desc, y_desc, B, tile, M, N, K, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+                     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mma_descriptors(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
+    if PDL:
+        gdc_launch_dependents()
     dtype = y_desc.dtype
     if SPLIT == 2:
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
@@ -272,19 +329,25 @@ def _linear_kernel(
     GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """Pointer-based GEMM: one program per output tile, or (``PERSISTENT``) ``NUM_PROGRAMS`` programs striding
-    over the tiles (``flatten`` lets the software pipeline cross tile boundaries)."""
+    over the tiles (``flatten`` lets the software pipeline cross tile boundaries). ``PDL``: launched with
+    programmatic dependent launch (``triton_utils``); ``PREFETCH``: the first tile's weight rows go to L2 before
+    the wait (``K`` row bytes, 16-byte aligned)."""
+    _pdl_prologue(W, tl.program_id(0), M, N, stride_wn, 0, K * ELEM_BYTES, BLOCK_M, BLOCK_N, GROUP_M, PDL, PREFETCH)
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
             _pointer_tile(X, W, B, Y, tile, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, ACT, BLOCK_M,
-                          BLOCK_N, BLOCK_K, GROUP_M, SPLIT, EVEN_K, DOT_PREC)  # fmt: skip
+                          BLOCK_N, BLOCK_K, GROUP_M, SPLIT, EVEN_K, DOT_PREC, PDL)  # fmt: skip
     else:
         _pointer_tile(X, W, B, Y, tl.program_id(0), M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, ACT,
-                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, EVEN_K, DOT_PREC)  # fmt: skip
+                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT, EVEN_K, DOT_PREC, PDL)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -293,9 +356,11 @@ def _linear_tma_kernel(
     w_desc,
     y_desc,
     B,
+    W,
     M,
     N,
     K,
+    stride_wn,
     NUM_PROGRAMS,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
@@ -304,18 +369,23 @@ def _linear_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     SPLIT: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
-    """:func:`_linear_kernel` with tiles moved by TMA descriptors (loads and the epilogue's store)."""
+    """:func:`_linear_kernel` with tiles moved by TMA descriptors (loads and the epilogue's store); ``W`` (the
+    weight's base pointer, row stride ``stride_wn``) is only read by the L2 prefetch."""
+    _pdl_prologue(W, tl.program_id(0), M, N, stride_wn, 0, K * ELEM_BYTES, BLOCK_M, BLOCK_N, GROUP_M, PDL, PREFETCH)
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), tiles, NUM_PROGRAMS, flatten=True):
             _descriptor_tile(x_desc, w_desc, y_desc, B, tile, M, N, K, HAS_BIAS, ACT, BLOCK_M, BLOCK_N, BLOCK_K,
-                             GROUP_M, SPLIT, DOT_PREC)  # fmt: skip
+                             GROUP_M, SPLIT, DOT_PREC, PDL)  # fmt: skip
     else:
         _descriptor_tile(x_desc, w_desc, y_desc, B, tl.program_id(0), M, N, K, HAS_BIAS, ACT, BLOCK_M, BLOCK_N,
-                         BLOCK_K, GROUP_M, SPLIT, DOT_PREC)  # fmt: skip
+                         BLOCK_K, GROUP_M, SPLIT, DOT_PREC, PDL)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -383,14 +453,23 @@ def _linear_splitk_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """Split-K through pointers: program ``(tile, s)`` writes ``x[:, kc] @ W[:, kc]^T`` for K chunk ``s`` (columns
-    ``[s * K_CHUNK, (s + 1) * K_CHUNK)``) into ``P[s]``, fp32, no atomics (a later kernel sums the chunks)."""
+    ``[s * K_CHUNK, (s + 1) * K_CHUNK)``) into ``P[s]``, fp32, no atomics (a later kernel sums the chunks).
+    ``PDL`` / ``PREFETCH`` as in :func:`_linear_kernel` (the prefetch covers this program's chunk)."""
     s = tl.program_id(1)
     off_m, off_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k0 = s * K_CHUNK
-    acc = _mma_pointers(X + k0, W + k0, off_m, off_n, M, N, tl.minimum(K_CHUNK, K - k0), stride_xm, stride_wn,
-                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PREC)  # fmt: skip
+    kc = tl.minimum(K_CHUNK, K - k0)
+    _pdl_prologue(W, tl.program_id(0), M, N, stride_wn, k0, kc * ELEM_BYTES, BLOCK_M, BLOCK_N, GROUP_M, PDL,
+                  PREFETCH)  # fmt: skip
+    acc = _mma_pointers(X + k0, W + k0, off_m, off_n, M, N, kc, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
+                        EVEN_K, DOT_PREC)  # fmt: skip
+    if PDL:
+        gdc_launch_dependents()
     _store_partial(acc, P + s.to(tl.int64) * stride_ps, off_m, off_n, M, N, stride_pm, BLOCK_M, BLOCK_N)
 
 
@@ -399,10 +478,12 @@ def _linear_splitk_tma_kernel(
     x_desc,
     w_desc,
     P,
+    W,
     M,
     N,
     K,
     K_CHUNK,
+    stride_wn,
     stride_ps,
     stride_pm,
     BLOCK_M: tl.constexpr,
@@ -410,17 +491,25 @@ def _linear_splitk_tma_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    ELEM_BYTES: tl.constexpr,
+    PDL: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """:func:`_linear_splitk_kernel` with the operand tiles loaded by TMA (ragged edges read as zeros; chunks are
-    whole ``BLOCK_K`` blocks, so no block straddles two chunks)."""
+    whole ``BLOCK_K`` blocks, so no block straddles two chunks); ``W`` is only read by the L2 prefetch."""
     s = tl.program_id(1)
     off_m, off_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     k0 = s * K_CHUNK
+    kc = tl.minimum(K_CHUNK, K - k0)
+    _pdl_prologue(W, tl.program_id(0), M, N, stride_wn, k0, kc * ELEM_BYTES, BLOCK_M, BLOCK_N, GROUP_M, PDL,
+                  PREFETCH)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kk in range(k0, tl.minimum(k0 + K_CHUNK, K), BLOCK_K):
+    for kk in range(k0, k0 + kc, BLOCK_K):
         a = x_desc.load([off_m, kk])
         b = w_desc.load([off_n, kk])
         acc = tl.dot(a, b.T, acc, input_precision=DOT_PREC)
+    if PDL:
+        gdc_launch_dependents()
     _store_partial(acc, P + s.to(tl.int64) * stride_ps, off_m, off_n, M, N, stride_pm, BLOCK_M, BLOCK_N)
 
 
@@ -451,12 +540,14 @@ def linear_partials_fwd(x: torch.Tensor, weight: torch.Tensor, config: SplitKCon
         return parts
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), splits)
     meta = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                DOT_PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+                DOT_PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **_pdl_meta(x, weight))  # fmt: skip
     if cfg.tma and tma_reason(x, weight, x) is None:  # the partials are stored through pointers
         bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
         x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [bm, bk])
         w_desc = TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk])
-        _linear_splitk_tma_kernel[grid](x_desc, w_desc, parts, m, n, k, chunk, m * n, n, **meta)
+        _linear_splitk_tma_kernel[grid](x_desc, w_desc, parts, weight, m, n, k, chunk, weight.stride(0), m * n, n,
+                                        **meta)  # fmt: skip
     else:
         _linear_splitk_kernel[grid](
             x, weight, parts, m, n, k, chunk, x.stride(0), weight.stride(0), m * n, n,
@@ -505,7 +596,7 @@ def linear_fwd(
     meta = dict(
         HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT=cfg.split, PERSISTENT=cfg.persistent,
-        DOT_PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PREC=dot_precision(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_pdl_meta(x2, weight),
     )  # fmt: skip
     if cfg.tma and tma_reason(x2, weight, y2) is None:
         bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -514,7 +605,7 @@ def linear_fwd(
             TensorDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk]),
             TensorDescriptor(y2, [m, n], [n, 1], [bm, bn // cfg.split]),
         )
-        _linear_tma_kernel[(programs,)](*descs, bias_arg, m, n, k, programs, **meta)
+        _linear_tma_kernel[(programs,)](*descs, bias_arg, weight, m, n, k, weight.stride(0), programs, **meta)
     else:
         _linear_kernel[(programs,)](
             x2, weight, bias_arg, y2, m, n, k, x2.stride(0), weight.stride(0), n, programs,
@@ -525,6 +616,7 @@ def linear_fwd(
 
 __all__ = [
     "MAX_SPLITS",
+    "PREFETCH_WEIGHTS",
     "GemmConfig",
     "SplitKConfig",
     "default_config",

@@ -8,8 +8,11 @@ the next power of two of ``M``.
 
 Timing measures what the model pays inside its CUDA graphs, i.e. GPU time only: each candidate runs once eagerly
 (compiles, warms), then a CUDA graph of a few back-to-back calls is captured and replayed (median over replays, per
-call). Timing single eager calls between events instead measured host launch overhead at small ``M`` (a Triton
-launch costs more host time than a cuBLAS one) and picked slow kernels for graphed forwards.
+call). On sm_90+ the Triton candidates launch with programmatic dependent launch as in the model (NOTES.md, round
+5): each call's prologue (weight prefetch, launch) overlaps the previous call's tail, as it overlaps the previous
+layer op in a forward, while cuBLAS launches plainly; so the comparison prices what the graph replays. Timing
+single eager calls between events instead measured host launch overhead at small ``M`` (a Triton launch costs more
+host time than a cuBLAS one) and picked slow kernels for graphed forwards.
 
 The search synchronises the device, so it is skipped (and cuBLAS used, without remembering anything) while a stream
 is capturing, under ``torch.compile`` tracing, and when ``torch.cuda`` sync debugging is on. The engine captures its
@@ -25,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from trimformer.ops.linear.gemm import GemmConfig, SplitKConfig, default_config, default_split_k_config, linear_fwd
-from trimformer.ops.triton_utils import next_power_of_2, num_sms
+from trimformer.ops.triton_utils import next_power_of_2, num_sms, pdl_enabled
 
 #: ``None`` = cuBLAS + fused bias-activation kernel (or + add_layer_norm); a :class:`GemmConfig` = the Triton GEMM
 #: with that config; a :class:`SplitKConfig` = split-K Triton GEMM reduced in the add + LayerNorm kernel.
@@ -43,8 +46,10 @@ _STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def tune_key(m: int, n: int, k: int, kind: str, dtype: torch.dtype, device: torch.device) -> tuple:
-    """Cache key of a GEMM ``[m, k] x [k, n]`` with activation ``kind``: ``m`` is bucketed to a power of two."""
-    return (next_power_of_2(m), n, k, kind, dtype, device.index)
+    """Cache key of a GEMM ``[m, k] x [k, n]`` with activation ``kind``: ``m`` is bucketed to a power of two; the
+    last element says whether the Triton kernels launch with PDL (``TRIMFORMER_PDL``: a choice measured one way is
+    not reused the other way)."""
+    return (next_power_of_2(m), n, k, kind, dtype, device.index, pdl_enabled(device))
 
 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[GemmConfig]:

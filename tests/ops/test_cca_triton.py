@@ -122,6 +122,27 @@ def test_gemm_forward_grid_split_over_documents(monkeypatch):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize(
+    "cfg", [prologue_fwd.GemmFwdConfig(16, 4, 1, 32, 4, block_k=16, early_epilogue=True),
+            prologue_fwd.GemmFwdConfig(32, 4, 2, 16, 4)], ids=["bk16-early", "rows32"],
+)  # fmt: skip
+def test_gemm_forward_launch_configs(cfg):
+    """Other two-kernel launch configurations (reduction chunks inside a tap, bias + qk-mean before the GEMM loop,
+    other row tiles) compute the same q, k, v, final states included."""
+    case, kw = CASES["ccgqa-d32"]
+    inp = make_case(**case)
+    f = cast(inp, torch.float32)
+    meta = prologue_fwd.make_meta(f["q0"], f["conv1_weight"], f["conv2_weight"], f["cos"], qk_mean=True,
+                                  value_shift=True, temperature_mode="linear", **kw)  # fmt: skip
+    args = [f[x] for x in (*LATENTS, *WEIGHTS[:4], "temperature", "cos", "sin", "cu_seqlens", "max_seqlen")]
+    got = prologue_fwd.cca_prologue_fwd(meta, *args, f["initial_conv_state"], f["initial_value_state"], True,
+                                        config=cfg)  # fmt: skip
+    q, k, v, (cs, vs) = _ref(inp, kw, return_final_state=True)
+    for a, b, what in zip((*got[:3], *got[3]), (q, k, v, cs, vs), ("q", "k", "v", "conv_state", "value_state")):
+        _close(a, b, 3e-6, what)
+
+
+@pytest.mark.interpret
 def test_forward_fp16_within_budget_of_torch_fp16():
     inp = make_case(hq=4, hk=2, dh=16, lens=(23, 9), rotary_dim=8, states=True)
     kw = dict(num_heads=4, num_kv_heads=2)

@@ -53,13 +53,16 @@ class FwdConfig:
 class GemmFwdConfig:
     """Launch configuration of the two-kernel prefill forward (``prologue_gemm.py``): ``block_t`` rows,
     ``num_warps`` and pipelining depth ``num_stages`` of the conv2 GEMM kernel; ``conv_block_t`` rows and
-    ``conv_warps`` of the conv1 kernel."""
+    ``conv_warps`` of the conv1 kernel; ``block_k`` the GEMM's reduction chunk (0: ``min(64, d_h)``) and
+    ``early_epilogue`` (start the accumulators from the conv2 bias + qk-mean, loaded before the GEMM loop)."""
 
     block_t: int
     num_warps: int
     num_stages: int
     conv_block_t: int = 64
     conv_warps: int = 4
+    block_k: int = 0
+    early_epilogue: bool = False
 
 
 GEMM_MIN_ROWS = 0  # prefill with two convs takes the two-kernel forward from this many rows (NOTES.md, v4)

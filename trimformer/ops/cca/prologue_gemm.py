@@ -89,13 +89,37 @@ def _conv1_scratch_kernel(Q0, K0, W1, B1, CU, CST, Y1S, n0, s_q0, s_k0, s_w1c, s
 
 
 @triton.jit
+def _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ: tl.constexpr, HK: tl.constexpr,
+               DH: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr,
+               QK_MEAN: tl.constexpr, HAS_B2: tl.constexpr):  # fmt: skip
+    """``(za, zb, zc)`` plus the conv2 bias and the qk-mean of head ``hh`` (column blocks as in ``_head_z``)."""
+    c0 = hh * DH
+    ra = tl.arange(0, RB)
+    rn = tl.arange(0, NB)
+    ok_h = ra < HALF
+    ok_n = rn < NOPE
+    if HAS_B2:
+        za += tl.load(B2 + c0 + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
+        zb += tl.load(B2 + c0 + HALF + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
+        zc += tl.load(B2 + c0 + 2 * HALF + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
+    if QK_MEAN:
+        G: tl.constexpr = HQ // HK
+        if HALF > 0:
+            za += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, ra, ok_h, HQ, G, DH)
+            zb += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, HALF + ra, ok_h, HQ, G, DH)
+        if NOPE > 0:
+            zc += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, 2 * HALF + rn, ok_n, HQ, G, DH)
+    return za, zb, zc
+
+
+@triton.jit
 def _conv2_gemm_kernel(
     Y1S, Q0, K0, VC, VD, W2B, B2, TEMP, COS, SIN, CU, VST, Q, K, V, n0,
     s_y, s_q0, s_k0, s_vc, s_vd, s_w0, s_w1, s_cos, s_sin, s_vsn, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, sqrt_dh, eps,
     HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
     RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, K2: tl.constexpr, QK_MEAN: tl.constexpr,
     VALUE_SHIFT: tl.constexpr, EXP_TEMP: tl.constexpr, HAS_VST: tl.constexpr, HAS_B2: tl.constexpr,
-    BT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BT: tl.constexpr, EARLY: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """conv2 (GEMM over the scratch) + epilogue for the rows of one tile of document ``n0 + program_id(2)``."""
     hh = tl.program_id(1)
@@ -119,6 +143,9 @@ def _conv2_gemm_kernel(
     za = tl.zeros([BT, RB], dtype=tl.float32)
     zb = tl.zeros([BT, RB], dtype=tl.float32)
     zc = tl.zeros([BT, NB], dtype=tl.float32)
+    if EARLY:
+        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, HK, DH, HALF, RB, NOPE, NB,
+                                QK_MEAN, HAS_B2)  # fmt: skip
     for kc in range(0, K2 * BD, BK):
         i = kc // BD
         b = kc % BD + rk
@@ -134,17 +161,9 @@ def _conv2_gemm_kernel(
         if NOPE > 0:
             wc = tl.load(WB + 2 * HALF + rn[None, :], mask=b_ok[:, None] & ok_n[None, :], other=0.0).to(DT)
             zc = tl.dot(a, wc, zc, input_precision=DOT_PREC)
-    if HAS_B2:
-        za += tl.load(B2 + c0 + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
-        zb += tl.load(B2 + c0 + HALF + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
-        zc += tl.load(B2 + c0 + 2 * HALF + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
-    if QK_MEAN:
-        G: tl.constexpr = HQ // HK
-        if HALF > 0:
-            za += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, ra, ok_h, HQ, G, DH)
-            zb += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, HALF + ra, ok_h, HQ, G, DH)
-        if NOPE > 0:
-            zc += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, 2 * HALF + rn, ok_n, HQ, G, DH)
+    if not EARLY:
+        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, HK, DH, HALF, RB, NOPE, NB,
+                                QK_MEAN, HAS_B2)  # fmt: skip
     _store_qk(za, zb, zc, TEMP, COS, SIN, Q, K, s_cos, s_sin, s_qt, s_qh, s_kt, s_kh, hh, grow, row_ok, sqrt_dh,
               eps, HQ, HALF, RB, NOPE, NB, EXP_TEMP)  # fmt: skip
     if hh >= HQ:
@@ -165,6 +184,8 @@ def launch_gemm_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatur
     if rows == 0 or max_seqlen == 0:
         return
     cfg = config or default_gemm_config(meta.dh)
+    if cfg.block_k and cfg.block_k & (cfg.block_k - 1) or cfg.block_k < 0:
+        raise ValueError(f"GemmFwdConfig.block_k must be 0 or a power of two, got {cfg.block_k}")
     ce = meta.constexprs()
     halo = meta.k2 - 1
     c = (meta.hq + meta.hk) * meta.dh
@@ -175,6 +196,7 @@ def launch_gemm_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatur
     w1s = w1.stride()
     heads = meta.hq + meta.hk
     conv_tiles = cdiv(max_seqlen + halo, cfg.conv_block_t)
+    bk = min(cfg.block_k, ce["BD"]) if cfg.block_k else ce["BK"]
     tiles = cdiv(max_seqlen, cfg.block_t)
     for s0 in range(0, n_seq, _MAX_GRID):
         n = min(_MAX_GRID, n_seq - s0)
@@ -193,9 +215,10 @@ def launch_gemm_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatur
             cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
             vst.stride(0) if vst is not None else 0, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), math.sqrt(meta.dh), NORM_EPS, HQ=meta.hq, HK=meta.hk, DH=meta.dh, BD=ce["BD"],
-            BK=ce["BK"], HALF=ce["HALF"], RB=ce["RB"], NOPE=ce["NOPE"], NB=ce["NB"], K2=meta.k2,
+            BK=bk, HALF=ce["HALF"], RB=ce["RB"], NOPE=ce["NOPE"], NB=ce["NB"], K2=meta.k2,
             QK_MEAN=meta.qk_mean, VALUE_SHIFT=meta.value_shift, EXP_TEMP=meta.exp_temp, HAS_VST=vst is not None,
-            HAS_B2=b2 is not None, BT=cfg.block_t, DOT_PREC=dot_precision(q0.dtype), num_warps=cfg.num_warps,
+            HAS_B2=b2 is not None, BT=cfg.block_t, EARLY=cfg.early_epilogue, DOT_PREC=dot_precision(q0.dtype),
+            num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )  # fmt: skip
 

@@ -183,7 +183,7 @@ def test_tuner_bookkeeping_on_cpu():
 
     x, w, b = (t.float() for t in _inputs(40, 32, 24))
     calls = []
-    assert tune.choose(x, w, b, "gelu_erf", lambda: calls.append(1)) is None  # no search off the GPU
+    assert tune.choose(x, w, b, "gelu_erf", lambda w: calls.append(1)) is None  # no search off the GPU
     assert not calls
     key = tune.tune_key(40, 24, 32, "gelu_erf", torch.float16, torch.device("cuda", 0))
     assert key == tune.tune_key(64, 24, 32, "gelu_erf", torch.float16, torch.device("cuda", 0))  # same bucket
@@ -349,7 +349,7 @@ def test_split_k_tuner_bookkeeping_on_cpu():
     from trimformer.ops.linear.gemm import MAX_SPLITS, SplitKConfig, default_split_k_config
 
     x, w, *_ = (t.half() for t in _ln_inputs(40, 64, 24))
-    assert tune.choose_split_k(x, w, lambda choice: pytest.fail("no search off the GPU")) is None
+    assert tune.choose_split_k(x, w, lambda choice, w: pytest.fail("no search off the GPU")) is None
     key = tune.tune_key(40, 24, 64, tune.ADD_LN, torch.float16, torch.device("cuda", 0))
     try:
         tune.set_choice(key, SplitKConfig(64, 64, 64, 8, 4, 4, 4))

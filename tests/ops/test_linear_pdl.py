@@ -17,12 +17,14 @@ pytest.importorskip("triton")
 def test_pdl_is_off_on_cpu_and_under_the_switch(monkeypatch):
     monkeypatch.setenv("TRIMFORMER_PDL", "1")
     assert not triton_utils.pdl_enabled(torch.device("cpu"))
+    assert triton_utils.pdl_mode(torch.device("cpu")) == triton_utils.PDL_OFF
     if torch.cuda.is_available():
         dev = torch.device("cuda")
         on = torch.cuda.get_device_capability()[0] >= 9 and not triton_utils.interpreting()
         assert triton_utils.pdl_enabled(dev) == on
-        monkeypatch.setenv("TRIMFORMER_PDL", "0")
-        assert not triton_utils.pdl_enabled(dev)
+        for env, mode in (("1", triton_utils.PDL_DEFAULT), ("early", 2), ("late", 1), ("0", 0), ("off", 0)):
+            monkeypatch.setenv("TRIMFORMER_PDL", env)
+            assert triton_utils.pdl_mode(dev) == (mode if on else 0)
 
 
 @pytest.mark.interpret
@@ -46,7 +48,7 @@ from trimformer.ops.linear import gemm
 from trimformer.ops.norm import layernorm
 from trimformer.ops.attention import forward
 for mod in (gemm, layernorm, forward):
-    mod.pdl_enabled = lambda device: True
+    mod.pdl_mode = lambda device: MODE
     if hasattr(mod, "num_sms"):
         mod.num_sms = tu.num_sms
 gemm.tma_reason = lambda *a: None
@@ -63,32 +65,37 @@ for name, k in kernels:
     seq = []
     for line in k.asm["ptx"].splitlines():
         for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents", "cp.async.bulk.prefetch.L2",
-                   "cp.async.bulk.tensor", "ld.global", "st.global"):
+                   "cp.async.bulk.tensor", "cp.async", "wgmma.mma_async", "ld.global", "st.global"):
             if op in line:
                 seq.append(op.split(".")[-1] if op.startswith("griddep") else op)
                 break
     first_wait = seq.index("wait")
-    print(name, k.metadata.launch_pdl, "launch_dependents" in seq, "cp.async.bulk.prefetch.L2" in seq[:first_wait],
-          ",".join(sorted(set(seq[:first_wait]) - {"cp.async.bulk.prefetch.L2"})) or "-")
+    early = seq[first_wait + 1] == "launch_dependents"  # the trigger right after the wait
+    print(name, k.metadata.launch_pdl, seq.count("launch_dependents") == 1, early,
+          "cp.async.bulk.prefetch.L2" in seq[:first_wait],
+          ",".join(sorted(set(seq[:first_wait]) - {"cp.async.bulk.prefetch.L2", "wgmma.mma_async"})) or "-")
 """
 
 
 @pytest.mark.slow
-def test_pdl_kernels_wait_before_dynamic_reads_and_stores_sm90():
-    """Compiled for sm_90 (CPU, no GPU): every PDL kernel launches with the PDL attribute and triggers its dependents;
-    before its first ``griddepcontrol.wait`` a GEMM issues only the weight prefetch (no operand load, no store), the
-    LayerNorm only its constant parameter loads, attention nothing."""
+@pytest.mark.parametrize("mode", [triton_utils.PDL_LATE, triton_utils.PDL_EARLY])
+def test_pdl_kernels_wait_before_dynamic_reads_and_stores_sm90(mode):
+    """Compiled for sm_90 (CPU, no GPU): every PDL kernel launches with the PDL attribute and triggers its dependents
+    once, right after its wait in the early mode and later in the late one; before its first ``griddepcontrol.wait``
+    a GEMM issues only the weight prefetch (no operand load, no store), the LayerNorm only its constant parameter
+    loads, attention nothing."""
     if not has_nvidia_backend():
         pytest.skip("this Triton build has no NVIDIA backend (compiler and ptxas) to compile sm_90 kernels with")
-    proc = compile_for_sm90(_SM90_PDL)
+    proc = compile_for_sm90(_SM90_PDL.replace("MODE", str(mode)))
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [ln.split() for ln in proc.stdout.splitlines()]
+    e = str(mode == triton_utils.PDL_EARLY)
     assert lines == [
-        ["_linear_tma_kernel", "True", "True", "True", "-"],
-        ["_linear_kernel", "True", "True", "True", "-"],
-        ["_linear_splitk_tma_kernel", "True", "True", "True", "-"],
-        ["_add_ln_fwd_kernel", "True", "True", "False", "ld.global"],  # LayerNorm weight, bias, GEMM bias
-        ["_varlen_fwd_kernel", "True", "True", "False", "-"],
+        ["_linear_tma_kernel", "True", "True", e, "True", "-"],
+        ["_linear_kernel", "True", "True", e, "True", "-"],
+        ["_linear_splitk_tma_kernel", "True", "True", e, "True", "-"],
+        ["_add_ln_fwd_kernel", "True", "True", e, "False", "ld.global"],  # LayerNorm weight, bias, GEMM bias
+        ["_varlen_fwd_kernel", "True", "True", e, "False", "-"],
     ], proc.stdout
 
 
@@ -133,8 +140,9 @@ def _chain(x, cu, max_seqlen, layers, big):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["late", "early"])
 @pytest.mark.parametrize("tokens", [300, 3000])
-def test_pdl_chain_in_graph_equals_plain_launches(monkeypatch, tokens):
+def test_pdl_chain_in_graph_equals_plain_launches(monkeypatch, tokens, mode):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("programmatic dependent launch needs an sm_90+ GPU (this one is older)")
     h, inter = 768, 3072
@@ -146,8 +154,8 @@ def test_pdl_chain_in_graph_equals_plain_launches(monkeypatch, tokens):
     monkeypatch.setenv("TRIMFORMER_PDL", "0")
     with torch.inference_mode():
         ref = [_chain(x, cu, max(lens), layers, big).float() for x in inputs]
-    monkeypatch.setenv("TRIMFORMER_PDL", "1")
-    assert triton_utils.pdl_enabled(torch.device("cuda"))
+    monkeypatch.setenv("TRIMFORMER_PDL", mode)
+    assert triton_utils.pdl_mode(torch.device("cuda")) == {"late": 1, "early": 2}[mode]
     with torch.inference_mode():
         eager = _chain(inputs[0], cu, max(lens), layers, big).float()
         static = inputs[0].clone()
@@ -168,3 +176,15 @@ def test_pdl_chain_in_graph_equals_plain_launches(monkeypatch, tokens):
             # being read) shows as O(1) errors; only the compiler's instruction order may differ (fp16 ulps)
             torch.testing.assert_close(out.float(), r, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(eager, ref[0], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_tuner_weight_copies_span_twice_the_l2():
+    from trimformer.ops.linear import tune
+
+    w = torch.randn(768, 768, device="cuda", dtype=torch.float16)
+    copies = tune.weight_copies(w)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    assert copies[0] is w and all(torch.equal(c, w) for c in copies)
+    assert len({c.data_ptr() for c in copies}) == len(copies)
+    assert len(copies) * w.numel() * 2 >= min(2 * l2, 128 * w.numel() * 2)

@@ -200,8 +200,10 @@ class GraphedEncoder:
         return graph.replay(batch)
 
     def clear(self) -> None:
-        """Drop every captured graph (frees their static buffers)."""
+        """Drop every captured graph (frees their static buffers) and their memory pool (a pool whose graphs are
+        all gone cannot take a new capture: PyTorch asserts)."""
         self._graphs.clear()
+        self._pool = None
 
 
 __all__ = [

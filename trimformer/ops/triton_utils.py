@@ -4,15 +4,19 @@ dependent launch (PDL).
 Nothing here launches a kernel or reads device memory; the host helpers are cheap, the ``@triton.jit`` ones are
 inlined into the kernels that call them.
 
-**PDL** (sm_90+, :func:`pdl_enabled`): a kernel launched with ``launch_pdl=True`` may start while the previous kernel
+**PDL** (sm_90+, :func:`pdl_mode`): a kernel launched with ``launch_pdl=True`` may start while the previous kernel
 on the stream drains (after every program of that one has called :func:`gdc_launch_dependents` or exited). Each
-kernel of this package that supports it takes a ``PDL: tl.constexpr`` flag and, when it is set, calls
-:func:`gdc_wait` before its first global read of anything an earlier kernel may have written *and* before its first
-global store (the caching allocator hands a freed buffer to the next op while the previous kernel may still read it);
-only constant inputs (weights, biases, LayerNorm parameters) are touched before it, and :func:`prefetch_l2` may pull
-weights into L2 there. Every program of a PDL-launched kernel executes the wait, so completion stays transitive along
-the stream: a kernel that finished implies every kernel before it finished. ``TRIMFORMER_PDL=0`` turns it off (A/B
-measurements, debugging); the CPU interpreter and pre-Hopper GPUs never use it.
+kernel of this package that supports it takes a ``PDL: tl.constexpr`` mode and, when it is not 0, calls
+:func:`pdl_wait` before its first global read of anything an earlier kernel may have written *and* before its first
+global store (the caching allocator hands a freed buffer to the next op while the previous kernel may still read
+it); only constant inputs (weights, biases, LayerNorm parameters) are touched before it, and :func:`prefetch_l2` may
+pull weights into L2 there. Every program of a PDL-launched kernel executes the wait, so completion stays transitive
+along the stream: a kernel that finished implies every kernel before it finished. Where a kernel lets the next one
+launch is the mode: :data:`PDL_LATE` after its main loop (:func:`pdl_trigger`, before the epilogue),
+:data:`PDL_EARLY` right after its own wait (the next kernel's prologue, e.g. its weight prefetch, then overlaps this
+whole kernel; it cannot run further ahead, since that kernel triggers only after its own wait). ``TRIMFORMER_PDL``
+picks it: ``0`` off (A/B measurements, debugging), ``late``, ``early``, unset or ``1`` :data:`PDL_DEFAULT`. The CPU
+interpreter and pre-Hopper GPUs never use PDL.
 """
 
 from __future__ import annotations
@@ -93,18 +97,50 @@ def num_sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+#: PDL modes (the kernels' ``PDL`` constexpr): off, trigger the next kernel after the main loop, right after the wait.
+PDL_OFF, PDL_LATE, PDL_EARLY = 0, 1, 2
+#: the mode used when ``TRIMFORMER_PDL`` is unset or ``1`` (H100 measurements: ops/linear/NOTES.md, round 5).
+PDL_DEFAULT = PDL_LATE
+_PDL_ENV = {"0": PDL_OFF, "off": PDL_OFF, "late": PDL_LATE, "early": PDL_EARLY}
+
+
 @functools.cache
 def _pdl_device(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def pdl_mode(device: torch.device) -> int:
+    """The PDL mode for kernels on ``device``: :data:`PDL_OFF` unless it is a CUDA device of compute capability
+    >= 9.0 running compiled kernels (not ``TRITON_INTERPRET=1``, whose interpreter has no grid dependency control)
+    with a Triton that has it; else ``TRIMFORMER_PDL`` (read on every call, so a process can A/B it)."""
+    if device.type != "cuda" or interpreting() or not _HAS_GDC:
+        return PDL_OFF
+    mode = _PDL_ENV.get(os.environ.get("TRIMFORMER_PDL", "1").strip().lower(), PDL_DEFAULT)
+    if mode == PDL_OFF:
+        return PDL_OFF
+    return mode if _pdl_device(device.index if device.index is not None else torch.cuda.current_device()) else PDL_OFF
+
+
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch: a CUDA device of compute capability
-    >= 9.0, compiled kernels (not ``TRITON_INTERPRET=1``, whose interpreter has no grid dependency control), a Triton
-    that has it, and ``TRIMFORMER_PDL`` not ``"0"`` (read on every call, so a process can A/B it)."""
-    if device.type != "cuda" or interpreting() or not _HAS_GDC or os.environ.get("TRIMFORMER_PDL", "1") == "0":
-        return False
-    return _pdl_device(device.index if device.index is not None else torch.cuda.current_device())
+    """Whether kernels on ``device`` launch with programmatic dependent launch (:func:`pdl_mode` is not off)."""
+    return pdl_mode(device) != PDL_OFF
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """A PDL kernel's wait for the previous kernel (its writes are visible after it); in :data:`PDL_EARLY` mode the
+    next kernel may launch from here on. Nothing is compiled when ``PDL`` is 0."""
+    if PDL != 0:
+        gdc_wait()
+        if PDL == 2:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """In :data:`PDL_LATE` mode, let the next kernel launch (call after the main loop, before the epilogue)."""
+    if PDL == 1:
+        gdc_launch_dependents()
 
 
 @triton.jit

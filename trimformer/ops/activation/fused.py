@@ -16,11 +16,11 @@ import triton.language as tl
 from trimformer.ops.triton_utils import (
     cdiv,
     dtype_reason,
-    gdc_launch_dependents,
-    gdc_wait,
     interpreting,
     next_power_of_2,
-    pdl_enabled,
+    pdl_mode,
+    pdl_trigger,
+    pdl_wait,
 )
 
 #: canonical activation kinds (see ``names.py``) -> the integer code the kernels branch on at compile time.
@@ -115,7 +115,7 @@ def _bias_act_kernel(
     ACT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,11 +124,9 @@ def _bias_act_kernel(
     rows64 = rows.to(tl.int64)
     if HAS_BIAS:  # a constant: loaded before the PDL wait
         bias = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if PDL:
-        gdc_wait()
+    pdl_wait(PDL)
     h = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if PDL:
-        gdc_launch_dependents()
+    pdl_trigger(PDL)
     if HAS_BIAS:
         h += bias
     h = apply_activation(h, ACT)
@@ -160,11 +158,11 @@ def bias_act_fwd(
         return y
     block_n = min(next_power_of_2(n), 256 if interpreting() else 1024)
     block_m = max(1, (1024 if interpreting() else 4096) // block_n)
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_mode(x.device)
     _bias_act_kernel[(cdiv(m, block_m), cdiv(n, block_n))](
         x2, bias if bias is not None else x2, y2, m, n, x2.stride(0), y2.stride(0),
         HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, num_warps=4,
-        launch_pdl=pdl,
+        launch_pdl=pdl != 0,
     )  # fmt: skip
     return y
 

@@ -28,13 +28,13 @@ from trimformer.ops.triton_utils import (
     cdiv,
     dot_precision,
     dtype_reason,
-    gdc_launch_dependents,
-    gdc_wait,
     interpreting,
     next_power_of_2,
     num_sms,
     padded_head_dim,
-    pdl_enabled,
+    pdl_mode,
+    pdl_trigger,
+    pdl_wait,
 )
 
 LOG2E = 1.4426950408889634
@@ -211,15 +211,14 @@ def _varlen_fwd_kernel(
     STORE_LSE: tl.constexpr,
     DOT_PREC: tl.constexpr,
     WINDOW: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest (last) query tiles first: better load balance
         pid_m = n_m_blocks - 1 - pid_m
     hq = tl.program_id(1)
     seq = tl.program_id(2)
-    if PDL:  # programmatic dependent launch: every input (cu_seqlens too) may come from the previous kernel
-        gdc_wait()
+    pdl_wait(PDL)  # programmatic dependent launch: every input (cu_seqlens too) may come from the previous kernel
     bos = tl.load(CU + seq)
     seqlen = tl.load(CU + seq + 1) - bos
     start_m = pid_m * BLOCK_M
@@ -284,8 +283,7 @@ def _varlen_fwd_kernel(
             stride_kt, stride_vt, mid, hi, offs_m, offs_n, d_ok, seqlen, qk_scale, 0, 0,
             BLOCK_N, True, CAUSAL, EVEN_D, DOT_PREC,
         )  # fmt: skip
-    if PDL:
-        gdc_launch_dependents()
+    pdl_trigger(PDL)
     acc = acc / l_i[:, None]
     tl.store(
         O + rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :],
@@ -345,7 +343,7 @@ def varlen_attention_fwd(
     )
     n_m = cdiv(max_seqlen, cfg.block_m)
     qk_scale = scale * LOG2E
-    pdl = pdl_enabled(q.device)
+    pdl = pdl_mode(q.device)
     for s0 in range(0, n_seq, _MAX_GRID_YZ):
         n = min(_MAX_GRID_YZ, n_seq - s0)
         _varlen_fwd_kernel[(n_m, hq, n)](
@@ -356,7 +354,7 @@ def varlen_attention_fwd(
             GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=bool(causal), SINGLE_TILE=cfg.block_n >= max_seqlen, STORE_LSE=return_lse,
             DOT_PREC=dot_precision(q.dtype), WINDOW=window is not None, PDL=pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl != 0,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -77,10 +77,10 @@ def linear_add_layer_norm(
             if small and EPILOGUE_POLICY["mode"] == "measured" and _reason(x, weight) is None:
                 from trimformer.ops.linear import tune
 
-                def run(choice):
+                def run(choice, w):
                     if choice is None:
-                        return _unfused(x, weight, bias, residual, ln_weight, ln_bias, eps, "auto")
-                    return _split_k(x, weight, bias, residual, ln_weight, ln_bias, eps, choice)
+                        return _unfused(x, w, bias, residual, ln_weight, ln_bias, eps, "auto")
+                    return _split_k(x, w, bias, residual, ln_weight, ln_bias, eps, choice)
 
                 cfg = tune.choose_split_k(x, weight, run)
                 if cfg is not None:

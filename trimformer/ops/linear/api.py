@@ -91,7 +91,7 @@ def linear(
             if EPILOGUE_POLICY["mode"] == "measured" and 0 < x.numel() <= SMALL_M * k and x.dtype != torch.float32:
                 from trimformer.ops.linear import tune
 
-                cfg = tune.choose(x, weight, bias, "identity", lambda: F.linear(x, weight, bias))
+                cfg = tune.choose(x, weight, bias, "identity", lambda w: F.linear(x, w, bias))
                 if cfg is not None:
                     return _kernel_module().linear_fwd(x, weight, bias, "identity", config=cfg)
             return F.linear(x, weight, bias)
@@ -102,7 +102,7 @@ def linear(
                     return _kernel_module().linear_fwd(x, weight, bias, kind)
                 from trimformer.ops.linear import tune
 
-                cfg = tune.choose(x, weight, bias, kind, lambda: bias_act(F.linear(x, weight), bias, act, inplace=True))
+                cfg = tune.choose(x, weight, bias, kind, lambda w: bias_act(F.linear(x, w), bias, act, inplace=True))
                 if cfg is not None:
                     return _kernel_module().linear_fwd(x, weight, bias, kind, config=cfg)
             return bias_act(F.linear(x, weight), bias, act, inplace=True)

@@ -33,12 +33,12 @@ from trimformer.ops.triton_utils import (
     cdiv,
     dot_precision,
     dtype_reason,
-    gdc_launch_dependents,
-    gdc_wait,
     interpreting,
     next_power_of_2,
     num_sms,
-    pdl_enabled,
+    pdl_mode,
+    pdl_trigger,
+    pdl_wait,
     prefetch_l2,
 )
 
@@ -96,15 +96,15 @@ def _pdl_meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
     """Launch options for programmatic dependent launch (``triton_utils.pdl_enabled``) and the weight prefetch
     (16-byte aligned weight rows of whole 16-byte multiples only)."""
     size = weight.element_size()
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_mode(x.device)
     prefetch = (
-        pdl
+        pdl != 0
         and PREFETCH_WEIGHTS["enabled"]
         and weight.data_ptr() % 16 == 0
         and (weight.stride(0) * size) % 16 == 0
         and (weight.shape[1] * size) % 16 == 0
     )
-    return dict(PDL=pdl, PREFETCH=prefetch, ELEM_BYTES=size, launch_pdl=pdl)
+    return dict(PDL=pdl, PREFETCH=prefetch, ELEM_BYTES=size, launch_pdl=pdl != 0)
 
 
 @functools.cache
@@ -261,11 +261,10 @@ def _pdl_prologue(W, tile, M, N, stride_wn, k0, nbytes, BLOCK_M: tl.constexpr, B
                   GROUP_M: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
     """Under PDL: prefetch the (constant) weight rows of ``tile`` into L2 while the previous kernel drains, then wait
     for it (every program, before any read of ``x`` or any store)."""
-    if PDL:
-        if PREFETCH:
-            off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-            _prefetch_weight(W, off_m, off_n, N, stride_wn, k0, nbytes, BLOCK_M, BLOCK_N, GROUP_M)
-        gdc_wait()
+    if PREFETCH:
+        off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _prefetch_weight(W, off_m, off_n, N, stride_wn, k0, nbytes, BLOCK_M, BLOCK_N, GROUP_M)
+    pdl_wait(PDL)
 
 
 @triton.jit
@@ -276,8 +275,7 @@ def _pointer_tile(X, W, B, Y, tile, M, N, K, stride_xm, stride_wn, stride_ym, HA
     off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mma_pointers(X, W, off_m, off_n, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
                         DOT_PREC)  # fmt: skip
-    if PDL:  # the next kernel may start launching while this epilogue runs (it waits for our stores)
-        gdc_launch_dependents()
+    pdl_trigger(PDL)  # the next kernel may start launching while this epilogue runs (it waits for our stores)
     if SPLIT == 2:
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
         _store_pointers(left, B, Y, off_m, off_n, M, N, stride_ym, HAS_BIAS, ACT, BLOCK_M, BLOCK_N // 2)
@@ -293,8 +291,7 @@ def _descriptor_tile(x_desc, w_desc, y_desc, B, tile, M, N, K, HAS_BIAS: tl.cons
                      SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _mma_descriptors(x_desc, w_desc, off_m, off_n, K, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PREC)
-    if PDL:
-        gdc_launch_dependents()
+    pdl_trigger(PDL)
     dtype = y_desc.dtype
     if SPLIT == 2:
         left, right = _halves(acc, BLOCK_M, BLOCK_N)
@@ -332,7 +329,7 @@ def _linear_kernel(
     ELEM_BYTES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
     PREFETCH: tl.constexpr = False,
 ):
     """Pointer-based GEMM: one program per output tile, or (``PERSISTENT``) ``NUM_PROGRAMS`` programs striding
@@ -372,7 +369,7 @@ def _linear_tma_kernel(
     ELEM_BYTES: tl.constexpr,
     PERSISTENT: tl.constexpr,
     DOT_PREC: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
     PREFETCH: tl.constexpr = False,
 ):
     """:func:`_linear_kernel` with tiles moved by TMA descriptors (loads and the epilogue's store); ``W`` (the
@@ -454,7 +451,7 @@ def _linear_splitk_kernel(
     EVEN_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ELEM_BYTES: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
     PREFETCH: tl.constexpr = False,
 ):
     """Split-K through pointers: program ``(tile, s)`` writes ``x[:, kc] @ W[:, kc]^T`` for K chunk ``s`` (columns
@@ -468,8 +465,7 @@ def _linear_splitk_kernel(
                   PREFETCH)  # fmt: skip
     acc = _mma_pointers(X + k0, W + k0, off_m, off_n, M, N, kc, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K,
                         EVEN_K, DOT_PREC)  # fmt: skip
-    if PDL:
-        gdc_launch_dependents()
+    pdl_trigger(PDL)
     _store_partial(acc, P + s.to(tl.int64) * stride_ps, off_m, off_n, M, N, stride_pm, BLOCK_M, BLOCK_N)
 
 
@@ -492,7 +488,7 @@ def _linear_splitk_tma_kernel(
     GROUP_M: tl.constexpr,
     DOT_PREC: tl.constexpr,
     ELEM_BYTES: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
     PREFETCH: tl.constexpr = False,
 ):
     """:func:`_linear_splitk_kernel` with the operand tiles loaded by TMA (ragged edges read as zeros; chunks are
@@ -508,8 +504,7 @@ def _linear_splitk_tma_kernel(
         a = x_desc.load([off_m, kk])
         b = w_desc.load([off_n, kk])
         acc = tl.dot(a, b.T, acc, input_precision=DOT_PREC)
-    if PDL:
-        gdc_launch_dependents()
+    pdl_trigger(PDL)
     _store_partial(acc, P + s.to(tl.int64) * stride_ps, off_m, off_n, M, N, stride_pm, BLOCK_M, BLOCK_N)
 
 

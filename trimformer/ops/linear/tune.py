@@ -8,7 +8,10 @@ the next power of two of ``M``.
 
 Timing measures what the model pays inside its CUDA graphs, i.e. GPU time only: each candidate runs once eagerly
 (compiles, warms), then a CUDA graph of a few back-to-back calls is captured and replayed (median over replays, per
-call). On sm_90+ the Triton candidates launch with programmatic dependent launch as in the model (NOTES.md, round
+call). The calls cycle through copies of the weight that together span twice the L2 cache, so every call reads its
+weight from device memory as in a forward (BERT-base's 170 MB of weights do not stay in a 50 MB L2; back-to-back
+calls on one weight measured L2-resident GEMMs and hid what prefetching it costs or saves). On sm_90+ the Triton
+candidates launch with programmatic dependent launch as in the model (NOTES.md, round
 5): each call's prologue (weight prefetch, launch) overlaps the previous call's tail, as it overlaps the previous
 layer op in a forward, while cuBLAS launches plainly; so the comparison prices what the graph replays. Timing
 single eager calls between events instead measured host launch overhead at small ``M`` (a Triton launch costs more
@@ -22,13 +25,15 @@ forgets all.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import statistics
 from collections.abc import Callable
 
 import torch
 
 from trimformer.ops.linear.gemm import GemmConfig, SplitKConfig, default_config, default_split_k_config, linear_fwd
-from trimformer.ops.triton_utils import next_power_of_2, num_sms, pdl_enabled
+from trimformer.ops.triton_utils import cdiv, next_power_of_2, num_sms, pdl_mode
 
 #: ``None`` = cuBLAS + fused bias-activation kernel (or + add_layer_norm); a :class:`GemmConfig` = the Triton GEMM
 #: with that config; a :class:`SplitKConfig` = split-K Triton GEMM reduced in the add + LayerNorm kernel.
@@ -43,13 +48,28 @@ _REPLAYS = 7
 #: a captured graph holds about this many FLOPs of back-to-back calls (at most 16 calls, at least 1)
 _GRAPH_FLOPS = 2e10
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+#: most weight copies one search cycles through (the copies span twice the L2 cache, up to this many)
+_MAX_COPIES = 128
+
+
+@functools.cache
+def _l2_bytes(index: int) -> int:
+    return int(getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 50 * 2**20))
+
+
+def weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
+    """``weight`` and enough clones of it that cycling through them spans twice the device's L2 cache (at most
+    :data:`_MAX_COPIES` in all): timed calls then read their weight from device memory, as in a forward."""
+    index = weight.device.index if weight.device.index is not None else torch.cuda.current_device()
+    n = min(_MAX_COPIES, cdiv(2 * _l2_bytes(index), max(1, weight.numel() * weight.element_size())))
+    return [weight] + [weight.clone() for _ in range(n - 1)]
 
 
 def tune_key(m: int, n: int, k: int, kind: str, dtype: torch.dtype, device: torch.device) -> tuple:
     """Cache key of a GEMM ``[m, k] x [k, n]`` with activation ``kind``: ``m`` is bucketed to a power of two; the
-    last element says whether the Triton kernels launch with PDL (``TRIMFORMER_PDL``: a choice measured one way is
+    last element is the Triton kernels' PDL mode (``TRIMFORMER_PDL``: a choice measured one way is
     not reused the other way)."""
-    return (next_power_of_2(m), n, k, kind, dtype, device.index, pdl_enabled(device))
+    return (next_power_of_2(m), n, k, kind, dtype, device.index, pdl_mode(device))
 
 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[GemmConfig]:
@@ -128,19 +148,27 @@ def graph_ms(fn: Callable[[], object], calls: int, device: torch.device) -> floa
     return ms
 
 
-def _search(key: tuple, run: Callable[[object], torch.Tensor], candidates: list, calls: int, device) -> object:
-    """Time ``run(None)`` (the cuBLAS path) and ``run(cfg)`` for every candidate as graph replays; remember and return
-    the fastest (``None`` when cuBLAS wins). A candidate whose output differs from cuBLAS's by more than 1% of its
-    max is never chosen (a miscompile); one this compiler or GPU cannot build is skipped."""
-    times: dict[str, float] = {"cublas": graph_ms(lambda: run(None), calls, device)}
-    ref = run(None).float()
+def _search(key: tuple, run: Callable, weight: torch.Tensor, candidates: list, calls: int, device) -> object:
+    """Time ``run(None, w)`` (the cuBLAS path) and ``run(cfg, w)`` for every candidate as graph replays, ``w`` cycling
+    through :func:`weight_copies` (at least one call per copy); remember and return the fastest (``None`` when cuBLAS
+    wins). A candidate whose output differs from cuBLAS's by more than 1% of its max is never chosen (a
+    miscompile); one this compiler or GPU cannot build is skipped."""
+    weights = weight_copies(weight)
+    calls = max(calls, len(weights))
+
+    def timed(cfg) -> float:
+        cycle = itertools.cycle(weights)
+        return graph_ms(lambda: run(cfg, next(cycle)), calls, device)
+
+    times: dict[str, float] = {"cublas": timed(None)}
+    ref = run(None, weight).float()
     tol = 1e-2 * ref.abs().max().item() + 1e-3
     best: tuple[float, object] = (times["cublas"], None)
     for cfg in candidates:
         try:
-            if (run(cfg).float() - ref).abs().max().item() > tol:
+            if (run(cfg, weight).float() - ref).abs().max().item() > tol:
                 continue
-            t = graph_ms(lambda cfg=cfg: run(cfg), calls, device)
+            t = timed(cfg)
         except Exception:  # noqa: BLE001 - a config this compiler/GPU cannot build (resources) is just not a candidate
             continue
         times[str(cfg)] = t
@@ -157,7 +185,11 @@ def graph_calls(m: int, n: int, k: int) -> int:
 
 
 def choose(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, cublas: Callable[[], object]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kind: str,
+    cublas: Callable[[torch.Tensor], object],
 ) -> Choice:
     """The remembered (or, when allowed, newly measured) choice for ``act(x @ weight^T + bias)``.
 
@@ -165,8 +197,8 @@ def choose(
         x: ``[..., K]`` CUDA fp16/bf16/fp32 input.
         weight: ``[N, K]``; bias ``[N]`` or ``None``.
         kind: canonical activation kind.
-        cublas: runs the cuBLAS (+ fused-kernel) path once on the same operands (timed as the baseline; must be
-            graph-capturable).
+        cublas: ``cublas(w)`` runs the cuBLAS (+ fused-kernel) path once on ``x`` and the weight ``w`` (``weight`` or
+            a copy of it; timed as the baseline; must be graph-capturable).
 
     Returns:
         ``None`` for the cuBLAS path, else the Triton launch configuration to use.
@@ -178,8 +210,9 @@ def choose(
         return _CHOICES[key]
     if not can_search(x):
         return None
-    run = lambda cfg: cublas() if cfg is None else linear_fwd(x, weight, bias, kind, config=cfg)  # noqa: E731
-    return _search(key, run, candidate_configs(m, n, k, x.dtype, num_sms(x.device)), graph_calls(m, n, k), x.device)
+    run = lambda cfg, w: cublas(w) if cfg is None else linear_fwd(x, w, bias, kind, config=cfg)  # noqa: E731
+    cands = candidate_configs(m, n, k, x.dtype, num_sms(x.device))
+    return _search(key, run, weight, cands, graph_calls(m, n, k), x.device)
 
 
 def split_k_candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[SplitKConfig]:
@@ -199,14 +232,15 @@ def split_k_candidates(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> 
 
 
 def choose_split_k(
-    x: torch.Tensor, weight: torch.Tensor, run: Callable[[SplitKConfig | None], object]
+    x: torch.Tensor, weight: torch.Tensor, run: Callable[[SplitKConfig | None, torch.Tensor], object]
 ) -> SplitKConfig | None:
     """The remembered (or, when allowed, newly measured) choice for ``linear_add_layer_norm`` on ``x [M, K]``,
     ``weight [N, K]``: ``None`` (cuBLAS, then the add + LayerNorm kernel) or a split-K configuration.
 
     Args:
         x: ``[M, K]`` CUDA fp16/bf16 input; weight: ``[N, K]``.
-        run: ``run(choice)`` computes the whole op once with that choice on the real operands (graph-capturable).
+        run: ``run(choice, w)`` computes the whole op once with that choice on the real operands, the weight being
+            ``w`` (``weight`` or a copy of it; graph-capturable).
 
     Returns:
         ``None`` for the cuBLAS path, else the split-K configuration to use.
@@ -219,7 +253,7 @@ def choose_split_k(
     if not can_search(x):
         return None
     candidates = split_k_candidates(m, n, k, x.dtype, num_sms(x.device))
-    return _search(key, run, candidates, graph_calls(m, n, k), x.device)  # type: ignore[return-value]
+    return _search(key, run, weight, candidates, graph_calls(m, n, k), x.device)  # type: ignore[return-value]
 
 
 def set_choice(key: tuple, choice: Choice) -> None:

@@ -18,12 +18,12 @@ import triton.language as tl
 from trimformer.ops.triton_utils import (
     cdiv,
     dtype_reason,
-    gdc_launch_dependents,
-    gdc_wait,
     interpreting,
     next_power_of_2,
     num_sms,
-    pdl_enabled,
+    pdl_mode,
+    pdl_trigger,
+    pdl_wait,
 )
 
 MAX_HIDDEN = 16384
@@ -60,7 +60,7 @@ def _add_ln_fwd_kernel(
     HAS_XBIAS: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)  # [R]
@@ -75,8 +75,7 @@ def _add_ln_fwd_kernel(
         b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_XBIAS:
         xb = tl.load(XB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    if PDL:  # x, the residual and (in place) y may belong to the previous kernel
-        gdc_wait()
+    pdl_wait(PDL)  # x, the residual and (in place) y may belong to the previous kernel
     x_ptrs = X + rows64[:, None] * stride_x + cols[None, :]
     if PARTS > 0:  # X holds PARTS fp32 partial products (split-K GEMM): sum them here, deterministic order
         h = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)  # [R, BH]
@@ -88,8 +87,7 @@ def _add_ln_fwd_kernel(
         h += xb
     if HAS_RES:
         h += tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if PDL:
-        gdc_launch_dependents()
+    pdl_trigger(PDL)
     mean = tl.sum(h, 1) / n_cols  # [R]
     diff = tl.where(col_ok[None, :], h - mean[:, None], 0.0)
     var = tl.sum(diff * diff, 1) / n_cols
@@ -156,13 +154,13 @@ def add_layer_norm_fwd(
 def _launch(x2, parts, stride_parts, r2, weight, bias, x_bias, y2, eps) -> None:
     n, h = y2.shape
     block_h, rows, warps = _launch_shape(h, next_power_of_2(n), num_sms(y2.device))
-    pdl = pdl_enabled(y2.device)
+    pdl = pdl_mode(y2.device)
     _add_ln_fwd_kernel[(cdiv(n, rows),)](
         x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight,
         x_bias if x_bias is not None else weight, y2,
         n, h, x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), float(eps), stride_parts,
         PARTS=parts, HAS_RES=r2 is not None, HAS_BIAS=bias is not None, HAS_XBIAS=x_bias is not None,
-        ROWS=rows, BLOCK_H=block_h, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        ROWS=rows, BLOCK_H=block_h, PDL=pdl, num_warps=warps, launch_pdl=pdl != 0,
     )  # fmt: skip
 
 

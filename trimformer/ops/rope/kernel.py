@@ -16,11 +16,11 @@ import triton.language as tl
 from trimformer.ops.triton_utils import (
     cdiv,
     dtype_reason,
-    gdc_launch_dependents,
-    gdc_wait,
     interpreting,
     next_power_of_2,
-    pdl_enabled,
+    pdl_mode,
+    pdl_trigger,
+    pdl_wait,
 )
 
 
@@ -55,10 +55,9 @@ def _rope_fwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_REST: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = 0,
 ):
-    if PDL:  # x and the cos/sin tables (built per batch) may come from the previous kernel
-        gdc_wait()
+    pdl_wait(PDL)  # x and the cos/sin tables (built per batch) may come from the previous kernel
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_HALF)
@@ -74,8 +73,7 @@ def _rope_fwd_kernel(
     y_row = Y + t64[:, None, None] * stride_yt + h[None, :, None] * stride_yh
     x1 = tl.load(x_row + d[None, None, :], mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + d[None, None, :], mask=mask, other=0.0).to(tl.float32)
-    if PDL:
-        gdc_launch_dependents()
+    pdl_trigger(PDL)
     tl.store(y_row + d[None, None, :], (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
     tl.store(y_row + HALF + d[None, None, :], (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
     if REST > 0:  # NoPE dims pass through
@@ -110,11 +108,11 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: 
     block_half = next_power_of_2(half)
     block_h = min(next_power_of_2(heads), max(1, 256 // block_half))
     block_t = max(1, (512 if interpreting() else 4096) // (block_h * block_half))
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_mode(x.device)
     _rope_fwd_kernel[(cdiv(n, block_t), cdiv(heads, block_h))](
         x3, c2, s2, y3, n, heads, x3.stride(0), x3.stride(1), y3.stride(0), y3.stride(1), c2.stride(0),
         HALF=half, REST=rest, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        BLOCK_REST=next_power_of_2(max(rest, 1)), PDL=pdl, num_warps=4, launch_pdl=pdl,
+        BLOCK_REST=next_power_of_2(max(rest, 1)), PDL=pdl, num_warps=4, launch_pdl=pdl != 0,
     )  # fmt: skip
     return y
 

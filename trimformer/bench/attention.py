@@ -263,7 +263,8 @@ def _breakdown(args, rec, log, cfg, name, b, s):
     cu = torch.arange(b + 1, device=_DEV, dtype=torch.int32) * s
     kw = dict(num_heads=hq, num_kv_heads=hk)
     cot = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]
-    variants = {"prologue-triton": ("triton", None, None), "prologue-torch": ("torch", None, None)}
+    variants = {"prologue-triton": ("triton", None, None), "prologue-torch": ("torch", None, None),
+                "prologue-triton[one-kernel fwd]": ("triton", prologue_fwd.default_fwd_config(dh), None)}  # fmt: skip
     if args.sweep and (name, dh, b) == ("CCA-4x", 128, 1):  # rows x warps x pipeline stages; the fp32 dY2 scratch
         for fc in SWEEP_FWD:
             variants[f"prologue-triton[fwd {fc[0]}x w{fc[1]} s{fc[2]}]"] = ("triton", prologue_fwd.FwdConfig(*fc), None)

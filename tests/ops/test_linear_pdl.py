@@ -22,9 +22,11 @@ def test_pdl_is_off_on_cpu_and_under_the_switch(monkeypatch):
         dev = torch.device("cuda")
         on = torch.cuda.get_device_capability()[0] >= 9 and not triton_utils.interpreting()
         assert triton_utils.pdl_enabled(dev) == on
-        for env, mode in (("1", triton_utils.PDL_DEFAULT), ("early", 2), ("late", 1), ("0", 0), ("off", 0)):
+        big = triton_utils.PDL_MAX_ROWS + 1
+        for env, mode, mode_big in (("1", triton_utils.PDL_DEFAULT, 0), ("early", 2, 2), ("late", 1, 1), ("0", 0, 0)):
             monkeypatch.setenv("TRIMFORMER_PDL", env)
-            assert triton_utils.pdl_mode(dev) == (mode if on else 0)
+            assert triton_utils.pdl_mode(dev, 7) == (mode if on else 0)
+            assert triton_utils.pdl_mode(dev, big) == (mode_big if on else 0)  # the default is for small batches
 
 
 @pytest.mark.interpret
@@ -48,7 +50,7 @@ from trimformer.ops.linear import gemm
 from trimformer.ops.norm import layernorm
 from trimformer.ops.attention import forward
 for mod in (gemm, layernorm, forward):
-    mod.pdl_mode = lambda device: MODE
+    mod.pdl_mode = lambda device, rows=0: MODE
     if hasattr(mod, "num_sms"):
         mod.num_sms = tu.num_sms
 gemm.tma_reason = lambda *a: None

@@ -15,8 +15,10 @@ along the stream: a kernel that finished implies every kernel before it finished
 launch is the mode: :data:`PDL_LATE` after its main loop (:func:`pdl_trigger`, before the epilogue),
 :data:`PDL_EARLY` right after its own wait (the next kernel's prologue, e.g. its weight prefetch, then overlaps this
 whole kernel; it cannot run further ahead, since that kernel triggers only after its own wait). ``TRIMFORMER_PDL``
-picks it: ``0`` off (A/B measurements, debugging), ``late``, ``early``, unset or ``1`` :data:`PDL_DEFAULT`. The CPU
-interpreter and pre-Hopper GPUs never use PDL.
+picks it: ``0`` off (A/B measurements, debugging), ``late`` or ``early`` at every size, unset or ``1``
+:data:`PDL_DEFAULT` for kernels of at most :data:`PDL_MAX_ROWS` rows (tokens) and off above (H100: PDL took 8-20%
+off B = 1 forwards of <= 512 tokens, and measured 2-8% slower at 1.4-4.8k tokens). The CPU interpreter and
+pre-Hopper GPUs never use PDL.
 """
 
 from __future__ import annotations
@@ -99,8 +101,11 @@ def num_sms(device: torch.device) -> int:
 
 #: PDL modes (the kernels' ``PDL`` constexpr): off, trigger the next kernel after the main loop, right after the wait.
 PDL_OFF, PDL_LATE, PDL_EARLY = 0, 1, 2
-#: the mode used when ``TRIMFORMER_PDL`` is unset or ``1`` (H100 measurements: ops/linear/NOTES.md, round 5).
-PDL_DEFAULT = PDL_LATE
+#: the mode used when ``TRIMFORMER_PDL`` is unset or ``1`` (H100 measurements: ops/linear/NOTES.md, round 5) ...
+PDL_DEFAULT = PDL_EARLY
+#: ... for kernels over at most this many rows (tokens); a power of two, so that a GEMM's row bucket (the tuner's
+#: key) decides it. Every kernel of one encoder forward sees the same token count: all PDL or none.
+PDL_MAX_ROWS = 1024
 _PDL_ENV = {"0": PDL_OFF, "off": PDL_OFF, "late": PDL_LATE, "early": PDL_EARLY}
 
 
@@ -109,21 +114,23 @@ def _pdl_device(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def pdl_mode(device: torch.device) -> int:
-    """The PDL mode for kernels on ``device``: :data:`PDL_OFF` unless it is a CUDA device of compute capability
-    >= 9.0 running compiled kernels (not ``TRITON_INTERPRET=1``, whose interpreter has no grid dependency control)
-    with a Triton that has it; else ``TRIMFORMER_PDL`` (read on every call, so a process can A/B it)."""
+def pdl_mode(device: torch.device, rows: int = 0) -> int:
+    """The PDL mode for a kernel over ``rows`` rows (tokens) on ``device``: :data:`PDL_OFF` unless it is a CUDA
+    device of compute capability >= 9.0 running compiled kernels (not ``TRITON_INTERPRET=1``, whose interpreter has
+    no grid dependency control) with a Triton that has it; else ``TRIMFORMER_PDL`` (read on every call, so a process
+    can A/B it): ``0``/``off``, ``late``, ``early``, or by default :data:`PDL_DEFAULT` up to :data:`PDL_MAX_ROWS`."""
     if device.type != "cuda" or interpreting() or not _HAS_GDC:
         return PDL_OFF
-    mode = _PDL_ENV.get(os.environ.get("TRIMFORMER_PDL", "1").strip().lower(), PDL_DEFAULT)
+    env = os.environ.get("TRIMFORMER_PDL", "1").strip().lower()
+    mode = _PDL_ENV.get(env, PDL_DEFAULT if rows <= PDL_MAX_ROWS else PDL_OFF)
     if mode == PDL_OFF:
         return PDL_OFF
     return mode if _pdl_device(device.index if device.index is not None else torch.cuda.current_device()) else PDL_OFF
 
 
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch (:func:`pdl_mode` is not off)."""
-    return pdl_mode(device) != PDL_OFF
+def pdl_enabled(device: torch.device, rows: int = 0) -> bool:
+    """Whether a kernel over ``rows`` rows on ``device`` launches with programmatic dependent launch."""
+    return pdl_mode(device, rows) != PDL_OFF
 
 
 @triton.jit

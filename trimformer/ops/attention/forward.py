@@ -343,7 +343,7 @@ def varlen_attention_fwd(
     )
     n_m = cdiv(max_seqlen, cfg.block_m)
     qk_scale = scale * LOG2E
-    pdl = pdl_mode(q.device)
+    pdl = pdl_mode(q.device, total)
     for s0 in range(0, n_seq, _MAX_GRID_YZ):
         n = min(_MAX_GRID_YZ, n_seq - s0)
         _varlen_fwd_kernel[(n_m, hq, n)](

@@ -96,7 +96,7 @@ def _pdl_meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
     """Launch options for programmatic dependent launch (``triton_utils.pdl_enabled``) and the weight prefetch
     (16-byte aligned weight rows of whole 16-byte multiples only)."""
     size = weight.element_size()
-    pdl = pdl_mode(x.device)
+    pdl = pdl_mode(x.device, x.shape[0])
     prefetch = (
         pdl != 0
         and PREFETCH_WEIGHTS["enabled"]

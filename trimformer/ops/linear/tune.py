@@ -69,7 +69,7 @@ def tune_key(m: int, n: int, k: int, kind: str, dtype: torch.dtype, device: torc
     """Cache key of a GEMM ``[m, k] x [k, n]`` with activation ``kind``: ``m`` is bucketed to a power of two; the
     last element is the Triton kernels' PDL mode (``TRIMFORMER_PDL``: a choice measured one way is
     not reused the other way)."""
-    return (next_power_of_2(m), n, k, kind, dtype, device.index, pdl_mode(device))
+    return (next_power_of_2(m), n, k, kind, dtype, device.index, pdl_mode(device, m))
 
 
 def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> list[GemmConfig]:

@@ -154,7 +154,7 @@ def add_layer_norm_fwd(
 def _launch(x2, parts, stride_parts, r2, weight, bias, x_bias, y2, eps) -> None:
     n, h = y2.shape
     block_h, rows, warps = _launch_shape(h, next_power_of_2(n), num_sms(y2.device))
-    pdl = pdl_mode(y2.device)
+    pdl = pdl_mode(y2.device, n)
     _add_ln_fwd_kernel[(cdiv(n, rows),)](
         x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight,
         x_bias if x_bias is not None else weight, y2,

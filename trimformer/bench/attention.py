@@ -16,9 +16,10 @@ them once per shape; each row records the ``core`` that ran).
 Baselines run ``impl="torch"``: each point tries every SDPA backend named by ``--backends`` (and, for grouped heads,
 the variant that expands K/V to all query heads) with a short probe, then times the fastest; the provider column
 records which one won. Decode baselines are timed on both PyTorch's cache path (SDPA with a mask, ``torch``) and our
-flash-decoding kernel (``ours-kernels``). ``--breakdown`` also times the CCA prologue and the attention core alone
-(our kernel and the fastest SDPA backend); ``--sweep`` adds prologue launch configurations (``SWEEP_FWD``) and the
-fp32 ``dY2`` scratch of the backward.
+flash-decoding kernel (``ours-kernels``). ``--breakdown`` also times the CCA prologue (and, as
+``prologue-triton[one-kernel fwd]``, the one-kernel forward that the two-kernel one replaced) and the attention core
+alone (our kernel and the fastest SDPA backend); ``--sweep`` adds prologue launch configurations (``SWEEP_FWD``) and
+the fp32 ``dY2`` scratch of the backward.
 
 Eager timings: CUDA events around each call, L2 flushed before every call, median of repeats (p20/p80 kept).
 Rows go to ``attention.csv``; ``attention.md`` and the PNG plots are rendered from the rows of the run by

@@ -8,8 +8,9 @@ functionals so that one fused kernel can replace each:
   conv/value states so a chunk can resume where the previous one stopped;
 * :func:`cca_decode_prologue`: one token per sequence, states updated in place (static shapes, graph-capturable).
 
-``impl``: ``"auto"`` -> the fused Triton kernels (``prologue_fwd.py``, ``prologue_bwd.py``) for CUDA tensors they
-support, else the vectorised PyTorch path (``torch_path.py``); ``"triton"`` -> the kernels, raising a ``ValueError``
+``impl``: ``"auto"`` -> the fused Triton kernels (``prologue_fwd.py``; ``prologue_gemm.py`` for the prefill forward
+with both convolutions; ``prologue_bwd.py``) for CUDA tensors they support, else the vectorised PyTorch path
+(``torch_path.py``); ``"triton"`` -> the kernels, raising a ``ValueError``
 on an input they cannot take (never a silent fallback); ``"torch"`` -> the PyTorch path; ``"naive"`` -> the
 per-document reference (``naive.py``). The Triton prefill path is differentiable (every tensor input but
 ``cos``/``sin``) when autograd needs it, except together with ``return_final_state``; the decode kernel is

@@ -18,7 +18,9 @@ columns of two tiles.
 
 One program owns one ``(token tile, head, document)``; head ``hh < h`` is a query head, ``hh >= h`` key head
 ``hh - h`` (which also writes its value head). Decode runs the same kernel with one row per sequence (every row its
-own one-token document whose left context is the state) and then advances the states in place.
+own one-token document whose left context is the state) and then advances the states in place. The prefill forward
+with both convolutions runs the faster two-kernel version in ``prologue_gemm.py`` (conv1 into a scratch, conv2 as a
+pipelined GEMM) by default (:func:`use_gemm_path`); this kernel's ``_head_z`` stays the backward's recomputation.
 """
 
 from __future__ import annotations

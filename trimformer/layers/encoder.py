@@ -14,8 +14,10 @@ straight out of the fused QKV output, the fused bias + residual + LayerNorm kern
 kernel after the FFN GEMM (a Triton GEMM with that epilogue exists, ``linear(impl="triton")``, but measured slower
 than cuBLAS on the H100): 8 kernels per layer, no host syncs. Below 512 tokens the out-projection and FFN2 may
 instead run as a split-K Triton GEMM whose fp32 partial products the add + LayerNorm kernel sums (measured per
-shape, ``linear_add_layer_norm``); still two kernels each. On CPU every op takes its PyTorch path with in-place
-epilogues on the GEMM temporaries.
+shape, ``linear_add_layer_norm``); still two kernels each. Up to 1024 tokens on sm_90+ the Triton kernels launch
+with programmatic dependent launch (``trimformer.ops.triton_utils.pdl_mode``): each starts, and prefetches its
+weights into L2, while the previous one runs, and the tuner then also puts the small-M QKV and out-projection GEMMs
+on Triton. On CPU every op takes its PyTorch path with in-place epilogues on the GEMM temporaries.
 """
 
 from __future__ import annotations

@@ -281,7 +281,7 @@ def _ln_oracle(x, w, b, r, lw, lb, eps):
 @pytest.mark.parametrize(("m", "k", "n", "splits"), [(37, 80, 48, 3), (5, 64, 40, 2), (20, 96, 33, 8), (9, 40, 24, 1)])
 def test_split_k_add_layer_norm_matches_reference(dtype, tma, m, k, n, splits):
     """Split-K partials (ragged M, N, K; more splits than K blocks are clamped) summed in the LayerNorm kernel."""
-    from trimformer.ops.linear.gemm import SplitKConfig
+    from trimformer.ops.linear.splitk import SplitKConfig
 
     ops = _ln_inputs(m, k, n)
     ref = _ln_oracle(*ops, 1e-5)
@@ -298,7 +298,7 @@ def test_split_k_add_layer_norm_matches_reference(dtype, tma, m, k, n, splits):
 
 @pytest.mark.interpret
 def test_split_k_partials_sum_to_the_product_and_optional_terms():
-    from trimformer.ops.linear.gemm import SplitKConfig, linear_partials_fwd
+    from trimformer.ops.linear.splitk import SplitKConfig, linear_partials_fwd
 
     x, w, b, r, lw, lb = (t.float() for t in _ln_inputs(21, 100, 40))
     parts = linear_partials_fwd(x, w, SplitKConfig(16, 16, 16, 1, 4, 1, 4))
@@ -338,7 +338,7 @@ def test_linear_add_layer_norm_torch_naive_autograd_and_validation():
         linear_add_layer_norm(x, w.float(), b, r, lw, lb, eps=1e-6)
     with pytest.raises(ValueError, match="impl must be"):
         linear_add_layer_norm(x, w, b, r, lw, lb, eps=1e-6, impl="cuda")
-    from trimformer.ops.linear.gemm import SplitKConfig
+    from trimformer.ops.linear.splitk import SplitKConfig
 
     with pytest.raises(ValueError, match="splits"):
         SplitKConfig(64, 64, 64, 8, 4, 3, 0)
@@ -346,7 +346,7 @@ def test_linear_add_layer_norm_torch_naive_autograd_and_validation():
 
 def test_split_k_tuner_bookkeeping_on_cpu():
     from trimformer.ops.linear import tune
-    from trimformer.ops.linear.gemm import MAX_SPLITS, SplitKConfig, default_split_k_config
+    from trimformer.ops.linear.splitk import MAX_SPLITS, SplitKConfig, default_split_k_config
 
     x, w, *_ = (t.half() for t in _ln_inputs(40, 64, 24))
     assert tune.choose_split_k(x, w, lambda choice, w: pytest.fail("no search off the GPU")) is None

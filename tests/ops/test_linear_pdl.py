@@ -46,19 +46,19 @@ def test_interpreter_launches_keep_pdl_off():
 
 
 _SM90_PDL = r"""
-from trimformer.ops.linear import gemm
+from trimformer.ops.linear import gemm, splitk
 from trimformer.ops.norm import layernorm
 from trimformer.ops.attention import forward
 for mod in (gemm, layernorm, forward):
     mod.pdl_mode = lambda device, rows=0: MODE
     if hasattr(mod, "num_sms"):
         mod.num_sms = tu.num_sms
-gemm.tma_reason = lambda *a: None
-G, S = gemm.GemmConfig, gemm.SplitKConfig
+gemm.tma_reason = splitk.tma_reason = lambda *a: None
+G, S = gemm.GemmConfig, splitk.SplitKConfig
 x, w, b = torch.randn(350, 768).half(), torch.randn(2304, 768).half(), torch.randn(2304).half()
 gemm.linear_fwd(x, w, b, "identity", config=G(64, 128, 64, 8, 4, 4, tma=True))
 gemm.linear_fwd(x, w, b, "gelu_erf", config=G(64, 64, 64, 8, 4, 4))
-gemm.linear_partials_fwd(x, w[:768], S(64, 128, 64, 8, 4, 4, 3, tma=True))
+splitk.linear_partials_fwd(x, w[:768], S(64, 128, 64, 8, 4, 4, 3, tma=True))
 h = torch.randn(350, 768).half()
 layernorm.add_layer_norm_fwd(h, h, b[:768], b[:768], 1e-12, b[:768])
 qkv = x.view(350, 12, 64)
@@ -120,8 +120,8 @@ def _chain(x, cu, max_seqlen, layers, big):
     from trimformer.ops.attention import varlen_attention
     from trimformer.ops.linear import linear_add_layer_norm
     from trimformer.ops.linear.gemm import GemmConfig as G
-    from trimformer.ops.linear.gemm import SplitKConfig as S
     from trimformer.ops.linear.gemm import linear_fwd
+    from trimformer.ops.linear.splitk import SplitKConfig as S
     from trimformer.ops.norm import add_layer_norm
 
     t, h = x.shape

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trimformer.ops.linear.api import EPILOGUE_POLICY, SMALL_M, _kernel_module, _kernel_reason, linear
+from trimformer.ops.linear.api import EPILOGUE_POLICY, SMALL_M, _kernel_reason, linear
 from trimformer.ops.norm import add_layer_norm
 
 _IMPLS = ("auto", "triton", "torch", "naive")
@@ -50,8 +50,8 @@ def linear_add_layer_norm(
         ln_weight: ``[N]`` LayerNorm scale; ln_bias: ``[N]`` LayerNorm shift or ``None``.
         eps: added to the variance.
         impl: see the module docstring.
-        config: a :class:`trimformer.ops.linear.gemm.SplitKConfig` for ``impl="triton"`` (benchmarks, tests);
-            default :func:`trimformer.ops.linear.gemm.default_split_k_config`.
+        config: a :class:`trimformer.ops.linear.splitk.SplitKConfig` for ``impl="triton"`` (benchmarks, tests);
+            default :func:`trimformer.ops.linear.splitk.default_split_k_config`.
 
     Returns:
         ``[..., N]`` in ``x``'s dtype. The GEMM accumulates in fp32 on every path; the split-K path also keeps the
@@ -100,10 +100,11 @@ def _unfused(x, weight, bias, residual, ln_weight, ln_bias, eps, impl):
 
 
 def _split_k(x, weight, bias, residual, ln_weight, ln_bias, eps, config):
+    from trimformer.ops.linear.splitk import linear_partials_fwd
     from trimformer.ops.norm.layernorm import add_layer_norm_partials_fwd
 
     k, n = x.shape[-1], weight.shape[0]
-    parts = _kernel_module().linear_partials_fwd(x.reshape(-1, k), weight, config)
+    parts = linear_partials_fwd(x.reshape(-1, k), weight, config)
     r2 = None if residual is None else residual.reshape(-1, n)
     y = add_layer_norm_partials_fwd(parts, r2, ln_weight, ln_bias, eps, bias, out_dtype=x.dtype)
     return y.view(*x.shape[:-1], n)

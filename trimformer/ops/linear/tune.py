@@ -32,7 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-from trimformer.ops.linear.gemm import GemmConfig, SplitKConfig, default_config, default_split_k_config, linear_fwd
+from trimformer.ops.linear.gemm import GemmConfig, default_config, linear_fwd
+from trimformer.ops.linear.splitk import SplitKConfig, default_split_k_config
 from trimformer.ops.triton_utils import cdiv, next_power_of_2, num_sms, pdl_mode
 
 #: ``None`` = cuBLAS + fused bias-activation kernel (or + add_layer_norm); a :class:`GemmConfig` = the Triton GEMM

@@ -159,6 +159,29 @@ def _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, cols, col_ok, HQ: tl.conste
 
 
 @triton.jit
+def _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ: tl.constexpr, G: tl.constexpr,
+               DH: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr,
+               QK_MEAN: tl.constexpr, HAS_B2: tl.constexpr):  # fmt: skip
+    """``(za, zb, zc)`` plus the conv2 bias and the qk-mean of head ``hh`` (column blocks as in ``_head_z``)."""
+    c0 = hh * DH
+    ra = tl.arange(0, RB)
+    rn = tl.arange(0, NB)
+    ok_h = ra < HALF
+    ok_n = rn < NOPE
+    if HAS_B2:
+        za += tl.load(B2 + c0 + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
+        zb += tl.load(B2 + c0 + HALF + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
+        zc += tl.load(B2 + c0 + 2 * HALF + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
+    if QK_MEAN:
+        if HALF > 0:
+            za += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, ra, ok_h, HQ, G, DH)
+            zb += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, HALF + ra, ok_h, HQ, G, DH)
+        if NOPE > 0:
+            zc += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, 2 * HALF + rn, ok_n, HQ, G, DH)
+    return za, zb, zc
+
+
+@triton.jit
 def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, s_cn, s_cc, s_cp,
             hh, grow, offs, docs, row_ok,
             HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
@@ -203,10 +226,6 @@ def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, 
             if NOPE > 0:
                 wc = tl.load(WT + (2 * HALF + rn)[:, None] * s_t1, mask=ok_n[:, None] & b_ok[None, :], other=0.0)
                 zc = tl.dot(y1, tl.trans(wc.to(DT)), zc, input_precision=DOT_PREC)
-        if HAS_B2:
-            za += tl.load(B2 + c0 + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
-            zb += tl.load(B2 + c0 + HALF + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
-            zc += tl.load(B2 + c0 + 2 * HALF + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
     else:
         if HALF > 0:
             za = _conv_block(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, ra,
@@ -216,13 +235,9 @@ def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, 
         if NOPE > 0:
             zc = _conv_block(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok,
                              2 * HALF + rn, ok_n, K1, P, NUM_CONVS, HAS_CST, HAS_B1)  # fmt: skip
-    if QK_MEAN:
-        if HALF > 0:
-            za += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, ra, ok_h, HQ, G, DH)
-            zb += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, HALF + ra, ok_h, HQ, G, DH)
-        if NOPE > 0:
-            zc += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, 2 * HALF + rn, ok_n, HQ, G, DH)
-    return za, zb, zc
+    # the conv2 bias exists only with conv2 (NUM_CONVS == 2)
+    return _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB, QK_MEAN,
+                      HAS_B2 and NUM_CONVS == 2)  # fmt: skip
 
 
 @triton.jit

@@ -33,8 +33,8 @@ from trimformer.ops.cca.prologue_fwd import (
     NORM_EPS,
     GemmFwdConfig,
     Meta,
+    _bias_mean,
     _conv_block,
-    _mean_term,
     _store_qk,
     _store_v,
     _strides,
@@ -91,30 +91,6 @@ def _conv1_scratch_kernel(Q0, K0, W1, B1, CU, CST, Y1S, n0, s_q0, s_k0, s_w1c, s
 
 
 @triton.jit
-def _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ: tl.constexpr, HK: tl.constexpr,
-               DH: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr,
-               QK_MEAN: tl.constexpr, HAS_B2: tl.constexpr):  # fmt: skip
-    """``(za, zb, zc)`` plus the conv2 bias and the qk-mean of head ``hh`` (column blocks as in ``_head_z``)."""
-    c0 = hh * DH
-    ra = tl.arange(0, RB)
-    rn = tl.arange(0, NB)
-    ok_h = ra < HALF
-    ok_n = rn < NOPE
-    if HAS_B2:
-        za += tl.load(B2 + c0 + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
-        zb += tl.load(B2 + c0 + HALF + ra, mask=ok_h, other=0.0).to(tl.float32)[None, :]
-        zc += tl.load(B2 + c0 + 2 * HALF + rn, mask=ok_n, other=0.0).to(tl.float32)[None, :]
-    if QK_MEAN:
-        G: tl.constexpr = HQ // HK
-        if HALF > 0:
-            za += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, ra, ok_h, HQ, G, DH)
-            zb += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, HALF + ra, ok_h, HQ, G, DH)
-        if NOPE > 0:
-            zc += _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, 2 * HALF + rn, ok_n, HQ, G, DH)
-    return za, zb, zc
-
-
-@triton.jit
 def _conv2_gemm_kernel(
     Y1S, Q0, K0, VC, VD, W2B, B2, TEMP, COS, SIN, CU, VST, Q, K, V, n0,
     s_y, s_q0, s_k0, s_vc, s_vd, s_w0, s_w1, s_cos, s_sin, s_vsn, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh, sqrt_dh, eps,
@@ -135,6 +111,7 @@ def _conv2_gemm_kernel(
     grow = bos + offs
     docs = offs * 0 + n
     c0 = hh * DH
+    G: tl.constexpr = HQ // HK
     srow = (bos + (n0 + n) * (K2 - 1) + offs).to(tl.int64)  # scratch row of tap 0
     DT = Y1S.dtype.element_ty
     rk = tl.arange(0, BK)
@@ -146,7 +123,7 @@ def _conv2_gemm_kernel(
     zb = tl.zeros([BT, RB], dtype=tl.float32)
     zc = tl.zeros([BT, NB], dtype=tl.float32)
     if EARLY:
-        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, HK, DH, HALF, RB, NOPE, NB,
+        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
                                 QK_MEAN, HAS_B2)  # fmt: skip
     for kc in range(0, K2 * BD, BK):
         i = kc // BD
@@ -164,7 +141,7 @@ def _conv2_gemm_kernel(
             wc = tl.load(WB + 2 * HALF + rn[None, :], mask=b_ok[:, None] & ok_n[None, :], other=0.0).to(DT)
             zc = tl.dot(a, wc, zc, input_precision=DOT_PREC)
     if not EARLY:
-        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, HK, DH, HALF, RB, NOPE, NB,
+        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
                                 QK_MEAN, HAS_B2)  # fmt: skip
     _store_qk(za, zb, zc, TEMP, COS, SIN, Q, K, s_cos, s_sin, s_qt, s_qh, s_kt, s_kh, hh, grow, row_ok, sqrt_dh,
               eps, HQ, HALF, RB, NOPE, NB, EXP_TEMP)  # fmt: skip

@@ -49,8 +49,8 @@ _SM90_PDL = r"""
 from trimformer.ops.linear import gemm, splitk
 from trimformer.ops.norm import layernorm
 from trimformer.ops.attention import forward
+tu.pdl_mode = lambda device, rows=0: MODE  # every op's pdl_launch asks it
 for mod in (gemm, layernorm, forward):
-    mod.pdl_mode = lambda device, rows=0: MODE
     if hasattr(mod, "num_sms"):
         mod.num_sms = tu.num_sms
 gemm.tma_reason = splitk.tma_reason = lambda *a: None

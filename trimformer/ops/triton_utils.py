@@ -133,6 +133,13 @@ def pdl_enabled(device: torch.device, rows: int = 0) -> bool:
     return pdl_mode(device, rows) != PDL_OFF
 
 
+def pdl_launch(device: torch.device, rows: int = 0) -> dict:
+    """Launch keywords of a PDL-capable kernel over ``rows`` rows: its ``PDL`` constexpr (:func:`pdl_mode`) and the
+    matching ``launch_pdl`` flag, so the two never disagree."""
+    mode = pdl_mode(device, rows)
+    return {"PDL": mode, "launch_pdl": mode != PDL_OFF}
+
+
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """A PDL kernel's wait for the previous kernel (its writes are visible after it); in :data:`PDL_EARLY` mode the

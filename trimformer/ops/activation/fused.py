@@ -18,7 +18,7 @@ from trimformer.ops.triton_utils import (
     dtype_reason,
     interpreting,
     next_power_of_2,
-    pdl_mode,
+    pdl_launch,
     pdl_trigger,
     pdl_wait,
 )
@@ -158,11 +158,10 @@ def bias_act_fwd(
         return y
     block_n = min(next_power_of_2(n), 256 if interpreting() else 1024)
     block_m = max(1, (1024 if interpreting() else 4096) // block_n)
-    pdl = pdl_mode(x.device, m)
     _bias_act_kernel[(cdiv(m, block_m), cdiv(n, block_n))](
         x2, bias if bias is not None else x2, y2, m, n, x2.stride(0), y2.stride(0),
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, num_warps=4,
-        launch_pdl=pdl != 0,
+        HAS_BIAS=bias is not None, ACT=ACT_CODES[kind], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        **pdl_launch(x.device, m),
     )  # fmt: skip
     return y
 

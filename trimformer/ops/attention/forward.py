@@ -32,7 +32,7 @@ from trimformer.ops.triton_utils import (
     next_power_of_2,
     num_sms,
     padded_head_dim,
-    pdl_mode,
+    pdl_launch,
     pdl_trigger,
     pdl_wait,
 )
@@ -343,7 +343,7 @@ def varlen_attention_fwd(
     )
     n_m = cdiv(max_seqlen, cfg.block_m)
     qk_scale = scale * LOG2E
-    pdl = pdl_mode(q.device, total)
+    pdl = pdl_launch(q.device, total)
     for s0 in range(0, n_seq, _MAX_GRID_YZ):
         n = min(_MAX_GRID_YZ, n_seq - s0)
         _varlen_fwd_kernel[(n_m, hq, n)](
@@ -353,8 +353,8 @@ def varlen_attention_fwd(
             qk_scale, n_m, 0 if window is None else window[0], 0 if window is None else window[1],
             GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=bool(causal), SINGLE_TILE=cfg.block_n >= max_seqlen, STORE_LSE=return_lse,
-            DOT_PREC=dot_precision(q.dtype), WINDOW=window is not None, PDL=pdl,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl != 0,
+            DOT_PREC=dot_precision(q.dtype), WINDOW=window is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 

@@ -36,7 +36,7 @@ from trimformer.ops.triton_utils import (
     interpreting,
     next_power_of_2,
     num_sms,
-    pdl_mode,
+    pdl_launch,
     pdl_trigger,
     pdl_wait,
     prefetch_l2,
@@ -96,15 +96,15 @@ def _pdl_meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
     """Launch options for programmatic dependent launch (``triton_utils.pdl_enabled``) and the weight prefetch
     (16-byte aligned weight rows of whole 16-byte multiples only)."""
     size = weight.element_size()
-    pdl = pdl_mode(x.device, x.shape[0])
+    pdl = pdl_launch(x.device, x.shape[0])
     prefetch = (
-        pdl != 0
+        pdl["launch_pdl"]
         and PREFETCH_WEIGHTS["enabled"]
         and weight.data_ptr() % 16 == 0
         and (weight.stride(0) * size) % 16 == 0
         and (weight.shape[1] * size) % 16 == 0
     )
-    return dict(PDL=pdl, PREFETCH=prefetch, ELEM_BYTES=size, launch_pdl=pdl != 0)
+    return dict(PREFETCH=prefetch, ELEM_BYTES=size, **pdl)
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from trimformer.ops.triton_utils import (
     interpreting,
     next_power_of_2,
     num_sms,
-    pdl_mode,
+    pdl_launch,
     pdl_trigger,
     pdl_wait,
 )
@@ -154,13 +154,12 @@ def add_layer_norm_fwd(
 def _launch(x2, parts, stride_parts, r2, weight, bias, x_bias, y2, eps) -> None:
     n, h = y2.shape
     block_h, rows, warps = _launch_shape(h, next_power_of_2(n), num_sms(y2.device))
-    pdl = pdl_mode(y2.device, n)
     _add_ln_fwd_kernel[(cdiv(n, rows),)](
         x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight,
         x_bias if x_bias is not None else weight, y2,
         n, h, x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), float(eps), stride_parts,
         PARTS=parts, HAS_RES=r2 is not None, HAS_BIAS=bias is not None, HAS_XBIAS=x_bias is not None,
-        ROWS=rows, BLOCK_H=block_h, PDL=pdl, num_warps=warps, launch_pdl=pdl != 0,
+        ROWS=rows, BLOCK_H=block_h, num_warps=warps, **pdl_launch(y2.device, n),
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from trimformer.ops.triton_utils import (
     dtype_reason,
     interpreting,
     next_power_of_2,
-    pdl_mode,
+    pdl_launch,
     pdl_trigger,
     pdl_wait,
 )
@@ -108,11 +108,10 @@ def rope_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: 
     block_half = next_power_of_2(half)
     block_h = min(next_power_of_2(heads), max(1, 256 // block_half))
     block_t = max(1, (512 if interpreting() else 4096) // (block_h * block_half))
-    pdl = pdl_mode(x.device, n)
     _rope_fwd_kernel[(cdiv(n, block_t), cdiv(heads, block_h))](
         x3, c2, s2, y3, n, heads, x3.stride(0), x3.stride(1), y3.stride(0), y3.stride(1), c2.stride(0),
         HALF=half, REST=rest, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        BLOCK_REST=next_power_of_2(max(rest, 1)), PDL=pdl, num_warps=4, launch_pdl=pdl != 0,
+        BLOCK_REST=next_power_of_2(max(rest, 1)), num_warps=4, **pdl_launch(x.device, n),
     )  # fmt: skip
     return y
 

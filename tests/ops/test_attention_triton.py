@@ -68,6 +68,25 @@ def test_forward_matches_naive(dtype, d, causal, config):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("causal", [False, True])
+def test_forward_tma_key_value_blocks(causal):
+    """Full key blocks read through TMA descriptors of the fused QKV layout (GQA: two query heads per key head)
+    give the same result as pointer loads; a head layout without a 2-D view falls back to pointers."""
+    lens, hq, hk, d = [1, 16, 37, 70, 5], 4, 2, 32
+    t, cu = sum(lens), _cu(lens)
+    qkv = torch.randn(t, hq + 2 * hk, d).half()
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+    assert forward.kv_tma_reason(k, v) is None
+    assert "strides" in forward.kv_tma_reason(k.transpose(0, 1).contiguous().transpose(0, 1), v)
+    ref = _ref(q, k, v, cu, max(lens), causal)
+    tma = forward.FwdConfig(32, 16, 4, 1, tma=True)
+    out = forward.varlen_attention_fwd(q, k, v, cu, max(lens), causal=causal, scale=d**-0.5, config=tma)
+    plain = forward.varlen_attention_fwd(q, k, v, cu, max(lens), causal=causal, scale=d**-0.5, config=SMALL_FWD)
+    assert_close_budget(out, ref, naive_varlen_attention(q, k, v, cu, max(lens), causal=causal), name="tma fwd")
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("causal", [False, True])
 def test_forward_lse_and_scale(causal):
     lens, d, scale = [3, 40], 32, 0.37
     q, k, v = _qkv(lens, 2, 1, d, torch.float32)

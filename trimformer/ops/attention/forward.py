@@ -24,6 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 from trimformer.ops.triton_utils import (
     cdiv,
     dot_precision,
@@ -50,6 +55,8 @@ class FwdConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: read the full key / value blocks through TMA descriptors when the tensors allow it (:func:`kv_tma_reason`)
+    tma: bool = False
 
 
 @functools.lru_cache(maxsize=256)
@@ -140,12 +147,21 @@ def _fwd_block_loop(
     EVEN_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     WINDOW: tl.constexpr = False,
+    k_desc=None,
+    v_desc=None,
+    kv_row=0,
+    kv_col=0,
+    TMA: tl.constexpr = False,
 ):
     """Online-softmax over key blocks ``[lo, hi)``; ``k_ptrs``/``v_ptrs`` point at key row ``lo``. With ``WINDOW``
-    key ``j`` is visible to query ``i`` only when ``i - win_left <= j <= i + win_right``."""
+    key ``j`` is visible to query ``i`` only when ``i - win_left <= j <= i + win_right``. With ``TMA`` (unmasked
+    blocks only) the blocks are read through the 2-D descriptors instead, key ``j`` at ``[kv_row + j, kv_col]``."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASK_KEYS:
+        if TMA:
+            k = k_desc.load([kv_row + start_n, kv_col])  # [BN, D]
+            v = v_desc.load([kv_row + start_n, kv_col])
+        elif MASK_KEYS:
             kmask = cols < seqlen
             k = tl.load(k_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
             v = tl.load(v_ptrs, mask=kmask[:, None] & d_ok[None, :], other=0.0)
@@ -212,6 +228,9 @@ def _varlen_fwd_kernel(
     DOT_PREC: tl.constexpr,
     WINDOW: tl.constexpr = False,
     PDL: tl.constexpr = 0,
+    k_desc=None,
+    v_desc=None,
+    TMA: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # heaviest (last) query tiles first: better load balance
@@ -276,7 +295,7 @@ def _varlen_fwd_kernel(
             hi = seqlen
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, mid, offs_m, offs_n, d_ok, seqlen, qk_scale,
-            0, 0, BLOCK_N, False, False, EVEN_D, DOT_PREC,
+            0, 0, BLOCK_N, False, False, EVEN_D, DOT_PREC, False, k_desc, v_desc, bos, kh * HEAD_DIM, TMA,
         )  # fmt: skip
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs + mid.to(tl.int64) * stride_kt, v_ptrs + mid.to(tl.int64) * stride_vt,
@@ -292,6 +311,43 @@ def _varlen_fwd_kernel(
     )
     if STORE_LSE:  # natural-log logsumexp of the scaled logits
         tl.store(LSE + hq * stride_lh + bos + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_ok)
+
+
+@functools.cache
+def _tma_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def kv_tma_reason(k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the full key / value blocks cannot be read through TMA descriptors, or ``None`` when they can.
+
+    ``k``, ``v``: ``[T, Hk, D]``. Needs Triton's host descriptors, fp16/bf16 on a Hopper (sm_90+) GPU or the CPU
+    interpreter, a power-of-two ``D >= 16`` (no padded columns), heads packed next to each other (head stride ``D``,
+    so ``[T, Hk * D]`` is a 2-D view), and 16-byte aligned base pointers and token strides.
+    """
+    if TensorDescriptor is None:
+        return "this Triton has no host tensor descriptors"
+    if k.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {k.dtype} (TMA loads take float16/bfloat16)"
+    if k.is_cuda:
+        if not _tma_device(k.device.index if k.device.index is not None else torch.cuda.current_device()):
+            return "GPU without TMA (needs compute capability >= 9.0)"
+    elif not interpreting():
+        return f"tensors on {k.device}"
+    d = k.shape[-1]
+    if d != padded_head_dim(d):
+        return f"head dim {d} is not a power of two >= 16"
+    size = k.element_size()
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(2) != 1 or t.stride(1) != d or t.data_ptr() % 16 or (t.stride(0) * size) % 16:
+            return f"{name} strides {tuple(t.stride())} / pointer alignment do not allow a [T, Hk * D] descriptor"
+    return None
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int) -> tuple:
+    """2-D ``[T, Hk * D]`` descriptors of ``k`` and ``v`` with ``[block_n, D]`` blocks (rows past ``T`` read zeros)."""
+    t, hk, d = k.shape
+    return tuple(TensorDescriptor(x, [t, hk * d], [x.stride(0), 1], [block_n, d]) for x in (k, v))
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -344,6 +400,8 @@ def varlen_attention_fwd(
     n_m = cdiv(max_seqlen, cfg.block_m)
     qk_scale = scale * LOG2E
     pdl = pdl_launch(q.device, total)
+    use_tma = cfg.tma and window is None and cfg.block_n < max_seqlen and kv_tma_reason(k, v) is None
+    descs = dict(zip(("k_desc", "v_desc"), _kv_descriptors(k, v, cfg.block_n))) if use_tma else {}
     for s0 in range(0, n_seq, _MAX_GRID_YZ):
         n = min(_MAX_GRID_YZ, n_seq - s0)
         _varlen_fwd_kernel[(n_m, hq, n)](
@@ -353,8 +411,8 @@ def varlen_attention_fwd(
             qk_scale, n_m, 0 if window is None else window[0], 0 if window is None else window[1],
             GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=padded_head_dim(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             CAUSAL=bool(causal), SINGLE_TILE=cfg.block_n >= max_seqlen, STORE_LSE=return_lse,
-            DOT_PREC=dot_precision(q.dtype), WINDOW=window is not None,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+            DOT_PREC=dot_precision(q.dtype), WINDOW=window is not None, TMA=use_tma,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl, **descs,
         )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -365,4 +423,11 @@ def attention_flops(seqlens: list[int], heads: int, head_dim: int, *, causal: bo
     return 4.0 * pairs * heads * head_dim
 
 
-__all__ = ["FwdConfig", "attention_flops", "default_fwd_config", "unsupported_reason", "varlen_attention_fwd"]
+__all__ = [
+    "FwdConfig",
+    "attention_flops",
+    "default_fwd_config",
+    "kv_tma_reason",
+    "unsupported_reason",
+    "varlen_attention_fwd",
+]

@@ -37,6 +37,7 @@ METHODS = ("MHA", "GQA-4", "GQA-8", "MLA", "CCA-4x", "CCA-8x", "CCGQA-2x/8x")
 OURS = ("CCA-4x", "CCA-8x", "CCGQA-2x/8x")
 _DEV = "cuda"
 SWEEP_FWD = ((64, 4, 2), (64, 4, 3), (128, 8, 1), (128, 8, 2), (32, 4, 2))  # --sweep: prologue fwd launch configs
+SWEEP_PROJECT = ((64, 64, 4, 2), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3))  # fused projection
 # The paper's reported speed-ups at S = 16k over d_h in {64, 128, 256} (cca-spec.md section 4): (mode, method, vs).
 PAPER = {
     ("fwd", "CCA-4x", "MHA"): "1.6-1.9 (causal fwd; prefill about 1.7)",
@@ -346,7 +347,58 @@ def _breakdown(args, rec, log, cfg, name, b, s):
             rec.add(f"{name}|d{dh}|B{b}|S{s}", "attention-core-sdpa", f"{mode} (cuda graph)", "ms", times[best],
                     method=name, head_dim=dh, batch=b, seqlen=s, part="attention", sdpa=best,
                     probe_ms={k: round(v, 4) for k, v in times.items()})  # fmt: skip
+    _projection_breakdown(args, rec, log, cfg, name, b, s, out)
     log(f"  breakdown {name} d={dh} B={b} S={s}: " + " ".join(f"{p}/{m}={v:.4f}" for (p, m), v in out.items()))
+
+
+def _projection_breakdown(args, rec, log, cfg, name, b, s, out) -> None:
+    """Forward GPU time of the layer's down-projections alone (cuBLAS: the q, k, v weights as one GEMM, and as the
+    four ``nn.Linear`` calls) and of the fused projection + prologue kernel (``cca_project_prologue``): their
+    difference is what the prologue costs once fused into the projection."""
+    import torch
+    import torch.nn.functional as F
+
+    from trimformer.bench.attention_kernel import _prime_clocks, _try
+    from trimformer.ops.cca import cca_project_prologue, project_fwd
+    from trimformer.ops.cca.prologue_fwd import make_meta
+    from trimformer.ops.cca.prologue_gemm import conv2_k_major
+    from trimformer.ops.rope import rotary_cos_sin
+
+    t, hq, hk, dh, e = b * s, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    gen = torch.Generator(device=_DEV).manual_seed(args.seed + 1)
+    r = lambda *shape, std=1.0: (std * torch.randn(*shape, device=_DEV, generator=gen)).to(torch.bfloat16)
+    cq, ck = hq * dh, hk * dh
+    c = cq + ck
+    x = r(t, e)
+    ws = [r(n, e, std=e**-0.5) for n in (cq, ck, ck // 2, ck // 2)]
+    wcat = torch.cat(ws)
+    conv = [r(c, 2), r(c), r(c, dh, 2, std=dh**-0.5), r(c), torch.ones(hk, device=_DEV, dtype=torch.bfloat16)]
+    w2b = conv2_k_major(conv[2])
+    cos, sin = rotary_cos_sin(torch.arange(s, device=_DEV).repeat(b), cfg.rotary_dim, cfg.rope_theta)
+    cu = torch.arange(b + 1, device=_DEV, dtype=torch.int32) * s
+    kw = dict(num_heads=hq, num_kv_heads=hk)
+    calls = {
+        "projection-cublas[one GEMM]": lambda: x @ wcat.T,
+        "projection-cublas[4 linears]": lambda: [F.linear(x, w) for w in ws],
+        "projection+prologue-fused": lambda: cca_project_prologue(x, *ws, *conv, cos, sin, cu, s, **kw,
+                                                                  conv2_weight_k_major=w2b, impl="triton"),
+    }  # fmt: skip
+    if args.sweep and (name, dh, b) == ("CCA-4x", 128, 1):
+        meta = make_meta(x.new_empty(()).expand(t, cq), conv[0], conv[2], cos, qk_mean=True, value_shift=True,
+                         temperature_mode="linear", **kw)  # fmt: skip
+        qkv = [x.new_empty(t, hq, dh), x.new_empty(t, hk, dh), x.new_empty(t, hk, dh)]
+        for pc in SWEEP_PROJECT:
+            calls[f"projection+prologue-fused[{pc[0]}x k{pc[1]} w{pc[2]} s{pc[3]}]"] = partial(
+                project_fwd.launch_project_fwd, meta, x, *ws, None, None, None, None, conv[0], conv[1], w2b, conv[3],
+                conv[4], cos, sin, cu, None, *qkv, config=project_fwd.ProjectConfig(*pc))  # fmt: skip
+    for label, fn in calls.items():
+        _prime_clocks()
+        with torch.no_grad():
+            ms = _try(log, f"{label} fwd", partial(_graph_ms, fn, 10))
+        if ms is not None:
+            out[(label, "fwd")] = _median(ms)
+            rec.add(f"{name}|d{dh}|B{b}|S{s}", label, "fwd (cuda graph)", "ms", ms, method=name, head_dim=dh,
+                    batch=b, seqlen=s, part="projection")  # fmt: skip
 
 
 def run(args) -> int:

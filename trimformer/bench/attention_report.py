@@ -188,7 +188,18 @@ def _breakdown_table(rows, markdown_table, order=()) -> str:
             fastest = min(core, sdpa) if not (math.isnan(core) or math.isnan(sdpa)) else core
             table.append([m, d, b, s, timing, mode, pro, pt, core, sdpa, _ratio(pro, core) * 100,
                           _ratio(pro, fastest) * 100, _ratio(pt, pro)])  # fmt: skip
-    sweep = sorted((k, v) for k, v in parts.items() if "[" in k[5])
+    proj = []
+    for m, d, b, s, timing in keys:
+        names = ("projection-cublas[one GEMM]", "projection-cublas[4 linears]", "projection+prologue-fused",
+                 "prologue-triton", "attention-core", "attention-core-sdpa")  # fmt: skip
+        gemm, four, fused, pro, core, sdpa = (parts.get((m, d, b, s, timing, p, "fwd"), _NAN) for p in names)
+        if math.isnan(fused):
+            continue
+        fastest = min(core, sdpa) if not (math.isnan(core) or math.isnan(sdpa)) else core
+        marginal = fused - gemm
+        proj.append([m, d, b, s, timing, gemm, four, fused, marginal, _ratio(marginal, fastest) * 100, four + pro,
+                     _ratio(four + pro, fused)])  # fmt: skip
+    sweep = sorted((k, v) for k, v in parts.items() if "[" in k[5] and not k[5].startswith("projection-cublas"))
     text = "\n## Prologue vs attention core (ops alone, on the layer's latent shapes; timing: CUDA-graph GPU time or "
     text += (
         "eager call). Core: our Triton flash kernel, and the fastest SDPA backend (the candidates of the layer's "
@@ -197,6 +208,16 @@ def _breakdown_table(rows, markdown_table, order=()) -> str:
     text += markdown_table(
         ["method", "d_h", "B", "S", "timing", "mode", "fused prologue ms", "PyTorch prologue ms", "Triton core ms",
          "SDPA core ms", "prologue / Triton core %", "prologue / fastest core %", "fused speed-up"], table)  # fmt: skip
+    if proj:
+        text += (
+            "\n## Prologue fused into the down-projection (forward, ms): `cca_project_prologue` computes q, k, v from "
+            "x in one launch, the convolutions, qk-mean, norm, RoPE and value shift in the projection GEMM's epilogue; "
+            "its cost beyond cuBLAS computing the same projections as one GEMM is what the prologue costs there\n\n"
+        )
+        text += markdown_table(
+            ["method", "d_h", "B", "S", "timing", "projections, one cuBLAS GEMM", "projections, 4 nn.Linear",
+             "fused projections + prologue", "prologue in the fused kernel", "/ fastest core %",
+             "unfused: 4 nn.Linear + fused prologue", "speed-up"], proj)  # fmt: skip
     if sweep:
         text += "\n### Prologue launch configurations (ms)\n\n" + markdown_table(
             ["method", "d_h", "B", "S", "timing", "config", "mode", "ms"], [[*k[:6], k[6], v] for k, v in sweep]

@@ -25,6 +25,7 @@ import os
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from trimformer.ops.cca import torch_path
 
@@ -334,3 +335,146 @@ def cca_decode_prologue(
     meta = fwd.make_meta(q0, conv1_weight, conv2_weight, cos, num_heads=num_heads, num_kv_heads=num_kv_heads,
                          qk_mean=qk_mean, value_shift=value_shift, temperature_mode=temperature_mode)  # fmt: skip
     return fwd.cca_decode_prologue_fwd(meta, *args)
+
+
+def _project_reason(x, weights, biases, num_heads, w1, w2, cos, sin, others, grads) -> str | None:
+    """Why the fused projection kernel cannot run this call (``None`` when it can)."""
+    if w1 is None or w2 is None:
+        return "the fused projection kernel needs both convolutions"
+    if any(b is None for b in biases) != all(b is None for b in biases):
+        return "projection biases given for some projections only (the fused kernel takes all four or none)"
+    if grads:
+        return "autograd needs gradients (the fused projection kernel is inference-only)"
+    for t in (*weights, *biases):
+        if t is not None and t.dtype != x.dtype:
+            return f"projection weights/biases in {t.dtype}, x in {x.dtype} (the fused kernel takes one dtype)"
+    stand_q0 = x.new_empty(()).expand(x.shape[0], weights[0].shape[0])  # dtype, device and Cq of q0
+    return _triton_reason(stand_q0, num_heads, w1, w2, cos, sin, others)
+
+
+def cca_project_prologue(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight_current: torch.Tensor,
+    v_weight_delayed: torch.Tensor,
+    conv1_weight: torch.Tensor | None,
+    conv1_bias: torch.Tensor | None,
+    conv2_weight: torch.Tensor | None,
+    conv2_bias: torch.Tensor | None,
+    temperature: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    q_bias: torch.Tensor | None = None,
+    k_bias: torch.Tensor | None = None,
+    v_bias_current: torch.Tensor | None = None,
+    v_bias_delayed: torch.Tensor | None = None,
+    qk_mean: bool = True,
+    value_shift: bool = True,
+    temperature_mode: str = "linear",
+    initial_value_state: torch.Tensor | None = None,
+    conv2_weight_k_major: torch.Tensor | None = None,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CCA down-projections and prologue over packed documents: hidden states to attention-ready ``q, k, v``.
+
+    Equal to ``q0 = F.linear(x, q_weight, q_bias)`` (and ``k0``, ``v_cur``, ``v_del`` likewise) followed by
+    :func:`cca_prologue` without conv state. The Triton path (``project_fwd.py``) runs all of it in one launch,
+    the convolutions in the projection GEMM's epilogue: inference only, both convolutions, no initial conv state;
+    ``"auto"`` takes it for CUDA inputs it supports and otherwise runs ``F.linear`` + :func:`cca_prologue`
+    (``impl="auto"``), ``"triton"`` raises a ``ValueError`` instead, ``"torch"``/``"naive"`` run the projections and
+    that prologue path.
+
+    Args:
+        x: ``[T, E]`` packed hidden states (fp16/bf16/fp32; fp64 for ``"torch"``/``"naive"``).
+        q_weight, k_weight: ``[Cq, E]``, ``[Ck, E]`` (``nn.Linear`` layout), ``Cq = h d_h``, ``Ck = h_k d_h``.
+        v_weight_current, v_weight_delayed: ``[Ck/2, E]`` value projections of the current / previous token.
+        conv1_weight ... max_seqlen: as in :func:`cca_prologue` (``cos``/``sin`` at each token's position).
+        num_heads, num_kv_heads, qk_mean, value_shift, temperature_mode: as in :func:`cca_prologue`.
+        q_bias, k_bias, v_bias_current, v_bias_delayed: projection biases (``[Cq]``, ``[Ck]``, ``[Ck/2]``) or None.
+        initial_value_state: ``[N, Ck/2]`` delayed value before each document (the delayed projection's bias at a
+            sequence start), or ``None`` for zeros.
+        conv2_weight_k_major: optional cached ``prologue_gemm.conv2_k_major(conv2_weight)`` (``[k_ch, d_h, C]``).
+        impl: ``"auto"``, ``"triton"``, ``"torch"`` or ``"naive"``.
+
+    Returns:
+        ``(q [T, h, d_h], k [T, h_k, d_h], v [T, h_k, d_h])`` in the dtype of ``x``.
+    """
+    _check_impl(impl)
+    weights = (q_weight, k_weight, v_weight_current, v_weight_delayed)
+    biases = (q_bias, k_bias, v_bias_current, v_bias_delayed)
+    if not torch.compiler.is_compiling():
+        if x.dim() != 2:
+            raise ValueError(f"x must be [T, E], got {_shape(x)}")
+        e = x.shape[-1]
+        for name, w in zip(("q_weight", "k_weight", "v_weight_current", "v_weight_delayed"), weights):
+            if w.dim() != 2 or w.shape[1] != e:
+                raise ValueError(f"{name} must be [out, E={e}], got {_shape(w)}")
+        if q_weight.shape[0] % num_heads or k_weight.shape[0] != num_kv_heads * (q_weight.shape[0] // num_heads):
+            raise ValueError(f"q_weight [{q_weight.shape[0]}, E] and k_weight [{k_weight.shape[0]}, E] do not fit "
+                             f"{num_heads} query and {num_kv_heads} kv heads of one head dim")  # fmt: skip
+        for name, w in (("v_weight_current", v_weight_current), ("v_weight_delayed", v_weight_delayed)):
+            if w.shape[0] * 2 != k_weight.shape[0]:
+                raise ValueError(f"{name} must be [Ck/2={k_weight.shape[0] // 2}, E], got {_shape(w)}")
+        for name, b, w in zip(("q_bias", "k_bias", "v_bias_current", "v_bias_delayed"), biases, weights):
+            if b is not None and tuple(b.shape) != (w.shape[0],):
+                raise ValueError(f"{name} must be [{w.shape[0]}], got {_shape(b)}")
+    kwargs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, qk_mean=qk_mean, value_shift=value_shift,
+                  temperature_mode=temperature_mode, initial_value_state=initial_value_state)  # fmt: skip
+    convs = (conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin, cu_seqlens, max_seqlen)
+    if impl == "naive":
+        from trimformer.ops.cca.naive import naive_cca_project_prologue
+
+        return naive_cca_project_prologue(x, *weights, *convs, q_bias=q_bias, k_bias=k_bias,
+                                          v_bias_current=v_bias_current, v_bias_delayed=v_bias_delayed,
+                                          **kwargs)  # fmt: skip
+    grads = _needs_grad(x, *weights, *biases, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature,
+                        initial_value_state)  # fmt: skip
+
+    def reason():
+        others = (*weights, *biases, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin,
+                  cu_seqlens, initial_value_state, conv2_weight_k_major)  # fmt: skip
+        return _project_reason(x, weights, biases, num_heads, conv1_weight, conv2_weight, cos, sin, others, grads)
+
+    path = "torch" if impl == "torch" else _pick(impl, x, reason)
+    if path != "triton":
+        lat = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+        q, k, v, _ = cca_prologue(*lat, *convs, **kwargs, impl="torch" if impl == "torch" else "auto")
+        return q, k, v
+    # shape checks of the prologue's own arguments on zero-size stand-ins for the latents (no GEMM run)
+    cq, ck = q_weight.shape[0], k_weight.shape[0]
+    t = x.shape[0]
+    stand = [x.new_empty(()).expand(t, n) for n in (cq, ck, ck // 2, ck // 2)]
+    c, _ = _check_common(t, *stand, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin,
+                         num_heads, num_kv_heads, temperature_mode)  # fmt: skip
+    n = cu_seqlens.numel() - 1
+    if cu_seqlens.dim() != 1 or n < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be 1-D int32 with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
+                         f"{_shape(cu_seqlens)}")  # fmt: skip
+    if initial_value_state is not None and (tuple(initial_value_state.shape) != (n, ck // 2)
+                                            or initial_value_state.dtype != x.dtype):  # fmt: skip
+        raise ValueError(f"initial_value_state must be [N={n}, {ck // 2}] {x.dtype}, got "
+                         f"{_shape(initial_value_state)} {initial_value_state.dtype}")  # fmt: skip
+    fwd = _kernel_module("prologue_fwd")
+    proj = _kernel_module("project_fwd")
+    from trimformer.ops.cca.prologue_gemm import conv2_k_major
+
+    meta = fwd.make_meta(stand[0], conv1_weight, conv2_weight, cos, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                         qk_mean=qk_mean, value_shift=value_shift, temperature_mode=temperature_mode)  # fmt: skip
+    w2b = conv2_k_major(conv2_weight) if conv2_weight_k_major is None else conv2_weight_k_major
+    if tuple(w2b.shape) != (conv2_weight.shape[2], conv2_weight.shape[1], c) or w2b.stride(-1) != 1:
+        raise ValueError(f"conv2_weight_k_major must be contiguous [k_ch, d_h, C={c}], got {_shape(w2b)}")
+    dh = meta.dh
+    q = x.new_empty(t, num_heads, dh)
+    k = x.new_empty(t, num_kv_heads, dh)
+    v = x.new_empty(t, num_kv_heads, dh)
+    unit = fwd.last_unit
+    proj.launch_project_fwd(meta, unit(x), *(unit(w) for w in weights), *(unit(b) for b in biases),
+                            unit(conv1_weight), unit(conv1_bias), w2b, unit(conv2_bias), temperature, unit(cos),
+                            unit(sin), cu_seqlens, unit(initial_value_state), q, k, v)  # fmt: skip
+    return q, k, v

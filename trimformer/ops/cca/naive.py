@@ -145,3 +145,44 @@ def naive_cca_decode_prologue(
     conv_state.copy_(final[0])
     value_state.copy_(final[1])
     return q, k, v
+
+
+def naive_cca_project_prologue(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight_current: torch.Tensor,
+    v_weight_delayed: torch.Tensor,
+    conv1_weight: torch.Tensor | None,
+    conv1_bias: torch.Tensor | None,
+    conv2_weight: torch.Tensor | None,
+    conv2_bias: torch.Tensor | None,
+    temperature: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    q_bias: torch.Tensor | None = None,
+    k_bias: torch.Tensor | None = None,
+    v_bias_current: torch.Tensor | None = None,
+    v_bias_delayed: torch.Tensor | None = None,
+    qk_mean: bool = True,
+    value_shift: bool = True,
+    temperature_mode: str = "linear",
+    initial_value_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference :func:`trimformer.ops.cca.cca_project_prologue`: the four projections (``F.linear`` in the dtype
+    of ``x``), then :func:`naive_cca_prologue`."""
+    q0 = F.linear(x, q_weight, q_bias)
+    k0 = F.linear(x, k_weight, k_bias)
+    v_cur = F.linear(x, v_weight_current, v_bias_current)
+    v_del = F.linear(x, v_weight_delayed, v_bias_delayed)
+    q, k, v, _ = naive_cca_prologue(
+        q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin, cu_seqlens,
+        max_seqlen, num_heads=num_heads, num_kv_heads=num_kv_heads, qk_mean=qk_mean, value_shift=value_shift,
+        temperature_mode=temperature_mode, initial_value_state=initial_value_state,
+    )  # fmt: skip
+    return q, k, v

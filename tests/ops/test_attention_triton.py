@@ -253,20 +253,19 @@ def test_gpu_forward_lengths_1_to_8192_one_batch(dtype, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_forward_tma_kv_in_fused_qkv_layout(dtype):
     """BERT-base attention (12 x 64, q/k/v strided views of the fused QKV output, ByteTransformer lengths): the
-    default config reads full key blocks through TMA and matches the pointer-load kernel and the fp64 reference."""
+    opt-in TMA key/value loads (``FwdConfig.tma``) match the pointer-load kernel bit for bit and the fp64 reference."""
     lens = [int(x) for x in torch.randint(205, 1025, (16,))] + [1, 64, 1024]
     cu = _cu(lens, "cuda")
     qkv = torch.randn(sum(lens), 3, 12, 64, device="cuda").to(dtype)
     q, k, v = qkv.unbind(1)
-    cfg = forward.default_fwd_config(64, 1024, False, programs=12 * len(lens), sms=132, full=True)
-    assert cfg.tma and forward.kv_tma_reason(k, v) is None
-    out = varlen_attention(q, k, v, cu, 1024, impl="triton")
-    plain = forward.varlen_attention_fwd(q, k, v, cu, 1024, causal=False, scale=0.125,
-                                         config=forward.FwdConfig(cfg.block_m, cfg.block_n, cfg.num_warps,
-                                                                  cfg.num_stages))  # fmt: skip
+    assert forward.kv_tma_reason(k, v) is None
+    run = lambda tma: forward.varlen_attention_fwd(  # noqa: E731
+        q, k, v, cu, 1024, causal=False, scale=0.125, config=forward.FwdConfig(128, 64, 8, 3, tma=tma)
+    )
+    out = run(True)
     ref = _ref(q, k, v, cu, 1024, False)
     assert_close_budget(out, ref, naive_varlen_attention(q, k, v, cu, 1024), name=f"tma fwd {dtype}")
-    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    torch.testing.assert_close(out, run(False), rtol=0, atol=0)
 
 
 @pytest.mark.gpu

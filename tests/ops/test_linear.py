@@ -208,8 +208,7 @@ def test_tuner_bookkeeping_on_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("m", "k", "n", "act"), [(300, 768, 3072, "gelu"), (4864, 768, 3072, "gelu"),
-                                                (4772, 768, 2304, None)])  # fmt: skip
+@pytest.mark.parametrize(("m", "k", "n", "act"), [(300, 768, 3072, "gelu"), (4864, 768, 3072, "gelu")])
 def test_tuned_auto_linear_gpu(m, k, n, act):
     from trimformer.ops.linear import tune
 

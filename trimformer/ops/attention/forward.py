@@ -92,10 +92,8 @@ def default_fwd_config(
         cfg = FwdConfig(64, 32, 4, 3)  # B = 16 / 64, S = 256: 10.7 / 35.8 us vs 11.9 / 41.6 with 64-key blocks
     elif bd <= 64 and max_seqlen <= 384:
         cfg = FwdConfig(64, 64, 4, 3)
-    elif (
-        bd <= 128
-    ):  # d <= 64, bidirectional: full key blocks through TMA (NOTES.md round 6: -0 to 3% at 4.8-38k tokens)
-        cfg = FwdConfig(128, 64, 8, 3, tma=bd <= 64 and not causal)
+    elif bd <= 128:
+        cfg = FwdConfig(128, 64, 8, 3)
     else:
         cfg = FwdConfig(128, 64, 8, 2)
     block_m = cfg.block_m
@@ -103,7 +101,7 @@ def default_fwd_config(
     while block_m > floor and programs * cdiv(max_seqlen, block_m) < sms:
         block_m //= 2
     if block_m != cfg.block_m:
-        cfg = FwdConfig(block_m, cfg.block_n, min(cfg.num_warps, 4), cfg.num_stages, cfg.tma)
+        cfg = FwdConfig(block_m, cfg.block_n, min(cfg.num_warps, 4), cfg.num_stages)
     return cfg
 
 

@@ -2,9 +2,8 @@
 
 ``impl`` selects the implementation:
 
-* ``"auto"``: on CUDA, without an activation, cuBLAS (``F.linear``, bias in cuBLAS's epilogue) or, in fp16/bf16,
-  the Triton GEMM where it measured faster for the shape (``tune.py``; H100: small-M latency-bound GEMMs, and the
-  QKV projection at 4-19k rows, NOTES.md round 6); with one, either
+* ``"auto"``: on CUDA, without an activation, cuBLAS (``F.linear``, bias in cuBLAS's epilogue; up to
+  :data:`SMALL_M` rows in fp16/bf16 the Triton GEMM instead where it measured faster); with one, either
   the Triton GEMM with the bias and activation in its epilogue (``gemm.py``) or cuBLAS followed by the fused
   bias + activation kernel (``trimformer.ops.activation``), whichever measured faster for the shape on this GPU
   (``tune.py``: timed once per shape bucket, outside CUDA-graph captures). On CPU (or when autograd needs
@@ -35,8 +34,8 @@ _IMPLS = ("auto", "triton", "torch", "naive")
 #: ``"always"`` (Triton GEMM epilogue, shape-only config) or ``"never"`` (cuBLAS + fused bias-activation kernel).
 #: Benchmarks switch it.
 EPILOGUE_POLICY = {"mode": "measured"}
-#: ``linear_add_layer_norm`` times its split-K path only up to this many rows (latency-bound sizes, where cutting
-#: ``K`` fills idle SMs); above it the GEMM goes through ``linear``'s measured choice.
+#: GEMMs without an activation are measured against cuBLAS only up to this many rows (latency-bound sizes, where
+#: small Triton tiles can beat cuBLAS's choice); larger ones always run cuBLAS.
 SMALL_M = 512
 
 
@@ -88,7 +87,8 @@ def linear(
         if not x.is_cuda or needs_grad:
             impl = "torch"
         elif act is None:
-            if EPILOGUE_POLICY["mode"] == "measured" and x.numel() and x.dtype != torch.float32:
+            k = x.shape[-1]
+            if EPILOGUE_POLICY["mode"] == "measured" and 0 < x.numel() <= SMALL_M * k and x.dtype != torch.float32:
                 from trimformer.ops.linear import tune
 
                 cfg = tune.choose(x, weight, bias, "identity", lambda w: F.linear(x, w, bias))

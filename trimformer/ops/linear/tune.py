@@ -90,8 +90,7 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> l
     else:
         out += [g(128, 128, 64, 8, 4, 3, True, tma=True, split=2, ctas_per_sm=2),
                 g(128, 256, 64, 8, 8, 3, True, tma=True, split=2), g(128, 128, 64, 8, 8, 4, True, tma=True),
-                g(128, 128, 64, 8, 4, 3, tma=True, split=2), g(128, 256, 64, 8, 8, 3, tma=True, split=2),
-                g(128, 256, 64, 8, 8, 4, True, tma=True, split=2)]  # fmt: skip
+                g(128, 128, 64, 8, 4, 3, tma=True, split=2), g(128, 256, 64, 8, 8, 3, tma=True, split=2)]  # fmt: skip
     seen: list[GemmConfig] = []
     for c in out:
         if c not in seen:

@@ -250,20 +250,21 @@ def _project_prologue_kernel(
         fc = tl.where(delayed, VH, 0) + cols  # flat value column -> (kv head, dim)
         vcol = (fc // DH) * s_vh + fc % DH
         val = acc.to(V.dtype.element_ty)
-        row_out = out_ok
-        if VALUE_SHIFT:
-            if delayed:
-                # row g's delayed value belongs to row g + 1 of its document; first rows take the value state
-                eos = tl.load(CU + lo + 1)
-                nxt = (r >= P - 1) & (r < BM - 1) & (g >= 0) & (g + 1 < eos)
-                dst = (g + 1).to(tl.int64)
-                tl.store(V + dst[:, None] * s_vt + vcol[None, :], val, mask=nxt[:, None] & col_ok[None, :])
-                row_out = out_ok & (offs == 0)
-                val = tl.zeros([BM, BV], dtype=tl.float32).to(V.dtype.element_ty)
-                if HAS_VST:
-                    st = VST + lo.to(tl.int64)[:, None] * s_vsn + cols[None, :]
-                    val = tl.load(st, mask=row_out[:, None] & col_ok[None, :], other=0.0).to(V.dtype.element_ty)
-        tl.store(V + g.to(tl.int64)[:, None] * s_vt + vcol[None, :], val, mask=row_out[:, None] & col_ok[None, :])
+        rows_v = g.to(tl.int64)[:, None] * s_vt + vcol[None, :]
+        if VALUE_SHIFT and delayed:
+            # row g's delayed value belongs to row g + 1 of its document; first rows take the value state
+            eos = tl.load(CU + lo + 1)
+            nxt = (r >= P - 1) & (r < BM - 1) & (g >= 0) & (g + 1 < eos)
+            tl.store(V + rows_v + s_vt, val, mask=nxt[:, None] & col_ok[None, :])
+            starts = g == tl.load(CU + lo)  # (not offs == 0: Triton 3.6 fails to compile that comparison here)
+            first = out_ok[:, None] & starts[:, None] & col_ok[None, :]
+            if HAS_VST:
+                init = tl.load(VST + lo.to(tl.int64)[:, None] * s_vsn + cols[None, :], mask=first, other=0.0)
+                tl.store(V + rows_v, init.to(V.dtype.element_ty), mask=first)
+            else:
+                tl.store(V + rows_v, tl.zeros([BM, BV], dtype=V.dtype.element_ty), mask=first)
+        else:
+            tl.store(V + rows_v, val, mask=out_ok[:, None] & col_ok[None, :])
 
 
 def launch_project_fwd(meta: Meta, x, wq, wk, wvc, wvd, bq, bk, bvc, bvd, w1, b1, w2b, b2, temperature, cos, sin, cu,

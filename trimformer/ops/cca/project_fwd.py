@@ -16,8 +16,8 @@ value columns:
 * value block: ``x W_V`` stored in place, or ``x W_V'`` stored one row down (the value shift; a document's first row
   takes the initial value state).
 
-A row shift of a register tile is a ``tl.dot`` with a 0/1 shift matrix: exact for 16-bit and fp32-``ieee`` operands
-(one non-zero product per output), ``BM x BM x W`` tensor-core work. conv1 and conv2 round as the two-kernel forward
+A row shift of a register tile is a ``tl.gather`` along its rows (a 0/1 shift-matrix ``tl.dot`` made Triton 3.6 emit
+out-of-range shared-memory accesses on the H100; NOTES.md, v5). conv1 and conv2 round as the two-kernel forward
 does (``q0`` and ``Y1`` in the input dtype, fp32 accumulation), so the result is that of projections in the input
 dtype followed by :func:`trimformer.ops.cca.cca_prologue`, up to fp32 summation order.
 """
@@ -98,11 +98,11 @@ def _project(X, sx, g, src_ok, W, s_wn, BIAS, n0, E, HAS_BIAS: tl.constexpr, HAL
 
 
 @triton.jit
-def _shift(y, offs, s: tl.constexpr, DOT_PREC: tl.constexpr):
+def _shift(y, offs, s: tl.constexpr):
     """Rows ``r - s`` of ``y [BM, W]`` at row ``r`` (fp32), 0 where the row is within ``s`` of its document start."""
     r = tl.arange(0, y.shape[0])
-    sel = ((r[:, None] - s) == r[None, :]) & (offs[:, None] >= s)
-    return tl.dot(sel.to(y.dtype), y, input_precision=DOT_PREC)
+    src = tl.broadcast_to(tl.maximum(r - s, 0)[:, None], y.shape)
+    return tl.where((offs >= s)[:, None], tl.gather(y, src, 0).to(tl.float32), 0.0)
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _conv_in_block(y0, offs, W1, s_w1c, s_w1k, B1, W2B, s_w0, s_w1, cin, c_ok, c
         if j == K1 - 1:
             y1 += wj[None, :] * y0.to(tl.float32)
         else:
-            y1 += wj[None, :] * _shift(y0, offs, K1 - 1 - j, DOT_PREC)
+            y1 += wj[None, :] * _shift(y0, offs, K1 - 1 - j)
     b1 = tl.zeros([cin.shape[0]], dtype=tl.float32)
     if HAS_B1:
         b1 = tl.load(B1 + c0 + cin, mask=c_ok, other=0.0).to(DT).to(tl.float32)
@@ -134,7 +134,7 @@ def _conv_in_block(y0, offs, W1, s_w1c, s_w1k, B1, W2B, s_w0, s_w1, cin, c_ok, c
         if i == K2 - 1:
             ys = y1
         else:  # conv2 tap i reads Y1 of row t - (k2 - 1 - i)
-            ys = _shift(y1, offs, K2 - 1 - i, DOT_PREC) + tl.where(offs[:, None] < K2 - 1 - i, b1[None, :], 0.0)
+            ys = _shift(y1, offs, K2 - 1 - i) + tl.where(offs[:, None] < K2 - 1 - i, b1[None, :], 0.0)
             ys = ys.to(DT)
         WB = W2B + i * s_w0 + cin[:, None] * s_w1 + c0
         if HALF > 0:

@@ -37,7 +37,8 @@ METHODS = ("MHA", "GQA-4", "GQA-8", "MLA", "CCA-4x", "CCA-8x", "CCGQA-2x/8x")
 OURS = ("CCA-4x", "CCA-8x", "CCGQA-2x/8x")
 _DEV = "cuda"
 SWEEP_FWD = ((64, 4, 2), (64, 4, 3), (128, 8, 1), (128, 8, 2), (32, 4, 2))  # --sweep: prologue fwd launch configs
-SWEEP_PROJECT = ((64, 64, 4, 2), (64, 64, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 4, 3))  # fused projection
+# --sweep: launch configs of the fused projection + prologue (rows, reduction chunk, warps, stages)
+SWEEP_PROJECT = ((64, 64, 4, 2), (64, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 4, 3))
 # The paper's reported speed-ups at S = 16k over d_h in {64, 128, 256} (cca-spec.md section 4): (mode, method, vs).
 PAPER = {
     ("fwd", "CCA-4x", "MHA"): "1.6-1.9 (causal fwd; prefill about 1.7)",

@@ -39,7 +39,7 @@ from torch import nn
 
 from trimformer.layers.cache import AttentionCache, CCACacheLayer
 from trimformer.ops.attention import kvcache_attention, varlen_attention
-from trimformer.ops.cca import TEMPERATURE_MODES, cca_decode_prologue, cca_project_prologue, cca_prologue
+from trimformer.ops.cca import TEMPERATURE_MODES, cca_decode_prologue, cca_prologue
 from trimformer.ops.cca.core import dense_core_attention, pick_dense_core
 from trimformer.ops.rope import rotary_cos_sin
 
@@ -472,47 +472,13 @@ class CCAttention(AttentionBase):
     def _conv_params(self):
         return self.conv1_weight, self.conv1_bias, self.conv2_weight, self.conv2_bias, self.temperature
 
-    def _fused_projections(self, x: torch.Tensor) -> bool:
-        """Whether the projections and the prologue run as one fused op (``cca_project_prologue``): inference
-        with both convolutions on the Triton paths; training keeps the projections apart for autograd."""
-        if self.impl not in ("auto", "triton") or self.conv2_weight is None:
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
-
-    def _conv2_k_major(self) -> torch.Tensor | None:
-        """``conv2_weight`` as the fused kernel's ``[k_ch, d_h, C]``, cached until the weight changes."""
-        w = self.conv2_weight
-        if torch.compiler.is_compiling():
-            return None
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        cached = getattr(self, "_w2_k_major", None)
-        if cached is None or cached[0] != key:
-            cached = (key, w.detach().permute(2, 1, 0).contiguous())
-            self._w2_k_major = cached
-        return cached[1]
-
     def _forward_packed(self, x, cu_seqlens, max_seqlen, positions, dense=None):
         c = self.config
-        cos, sin = self._cos_sin(positions, c.rotary_dim, x.dtype)
-        v_start = self._value_start(cu_seqlens.numel() - 1, x)
-        if self._fused_projections(x):
-            biases = {}
-            if c.bias:
-                biases = dict(
-                    q_bias=self.q_proj.bias,
-                    k_bias=self.k_proj.bias,
-                    v_bias_current=self.v_proj_current.bias,
-                    v_bias_delayed=self.v_proj_delayed.bias,
-                )
-            q, k, v = cca_project_prologue(
-                x, self.q_proj.weight, self.k_proj.weight, self.v_proj_current.weight, self.v_proj_delayed.weight,
-                *self._conv_params(), cos, sin, cu_seqlens, max_seqlen, initial_value_state=v_start,
-                conv2_weight_k_major=self._conv2_k_major(), **biases, **self._op_kwargs(),
-            )  # fmt: skip
-        else:
-            q0, k0, v_cur, v_del = self._projections(x)
-            q, k, v, _ = cca_prologue(q0, k0, v_cur, v_del, *self._conv_params(), cos, sin, cu_seqlens, max_seqlen,
-                                      initial_value_state=v_start, **self._op_kwargs())  # fmt: skip
+        q0, k0, v_cur, v_del = self._projections(x)
+        cos, sin = self._cos_sin(positions, c.rotary_dim, q0.dtype)
+        v_start = self._value_start(cu_seqlens.numel() - 1, q0)
+        q, k, v, _ = cca_prologue(q0, k0, v_cur, v_del, *self._conv_params(), cos, sin, cu_seqlens, max_seqlen,
+                                  initial_value_state=v_start, **self._op_kwargs())  # fmt: skip
         o = self._attend(q, k, v, cu_seqlens, max_seqlen, c.head_dim**-0.5, dense)
         return self.o_proj(o.reshape(x.shape[0], c.q_width))
 

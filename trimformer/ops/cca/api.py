@@ -384,11 +384,11 @@ def cca_project_prologue(
     """CCA down-projections and prologue over packed documents: hidden states to attention-ready ``q, k, v``.
 
     Equal to ``q0 = F.linear(x, q_weight, q_bias)`` (and ``k0``, ``v_cur``, ``v_del`` likewise) followed by
-    :func:`cca_prologue` without conv state. The Triton path (``project_fwd.py``) runs all of it in one launch,
+    :func:`cca_prologue` without conv state. ``impl="triton"`` runs all of it in one launch (``project_fwd.py``),
     the convolutions in the projection GEMM's epilogue: inference only, both convolutions, no initial conv state;
-    ``"auto"`` takes it for CUDA inputs it supports and otherwise runs ``F.linear`` + :func:`cca_prologue`
-    (``impl="auto"``), ``"triton"`` raises a ``ValueError`` instead, ``"torch"``/``"naive"`` run the projections and
-    that prologue path.
+    it raises a ``ValueError`` on anything else. On the H100 that kernel is still 3-6x slower than the unfused
+    path (register spills; ``ops/cca/NOTES.md``, v5), so ``"auto"`` runs ``F.linear`` (cuBLAS) +
+    :func:`cca_prologue` (``impl="auto"``); ``"torch"``/``"naive"`` run the projections and that prologue path.
 
     Args:
         x: ``[T, E]`` packed hidden states (fp16/bf16/fp32; fp64 for ``"torch"``/``"naive"``).
@@ -441,7 +441,7 @@ def cca_project_prologue(
                   cu_seqlens, initial_value_state, conv2_weight_k_major)  # fmt: skip
         return _project_reason(x, weights, biases, num_heads, conv1_weight, conv2_weight, cos, sin, others, grads)
 
-    path = "torch" if impl == "torch" else _pick(impl, x, reason)
+    path = _pick(impl, x, reason) if impl == "triton" else impl  # "auto": the unfused path measures faster
     if path != "triton":
         lat = [F.linear(x, w, b) for w, b in zip(weights, biases)]
         q, k, v, _ = cca_prologue(*lat, *convs, **kwargs, impl="torch" if impl == "torch" else "auto")

@@ -212,12 +212,13 @@ def _breakdown_table(rows, markdown_table, order=()) -> str:
         text += (
             "\n## Prologue fused into the down-projection (forward, ms): `cca_project_prologue` computes q, k, v from "
             "x in one launch, the convolutions, qk-mean, norm, RoPE and value shift in the projection GEMM's epilogue; "
-            "its cost beyond cuBLAS computing the same projections as one GEMM is what the prologue costs there\n\n"
+            "its cost beyond cuBLAS computing the same projections as one GEMM is what the prologue costs there (launch "
+            "configurations: the sweep table below; the layer runs the unfused path, see ops/cca/NOTES.md v5)\n\n"
         )
         text += markdown_table(
             ["method", "d_h", "B", "S", "timing", "projections, one cuBLAS GEMM", "projections, 4 nn.Linear",
              "fused projections + prologue", "prologue in the fused kernel", "/ fastest core %",
-             "unfused: 4 nn.Linear + fused prologue", "speed-up"], proj)  # fmt: skip
+             "unfused: 4 nn.Linear + Triton prologue", "fused speed-up"], proj)  # fmt: skip
     if sweep:
         text += "\n### Prologue launch configurations (ms)\n\n" + markdown_table(
             ["method", "d_h", "B", "S", "timing", "config", "mode", "ms"], [[*k[:6], k[6], v] for k, v in sweep]

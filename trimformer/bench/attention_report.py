@@ -213,7 +213,8 @@ def _breakdown_table(rows, markdown_table, order=()) -> str:
             "\n## Prologue fused into the down-projection (forward, ms): `cca_project_prologue` computes q, k, v from "
             "x in one launch, the convolutions, qk-mean, norm, RoPE and value shift in the projection GEMM's epilogue; "
             "its cost beyond cuBLAS computing the same projections as one GEMM is what the prologue costs there "
-            "(launch configurations: the sweep table below; the layer runs the unfused path, see ops/cca/NOTES.md v5)\n\n"
+            "(launch configurations: the sweep table below; the layer runs the unfused path: ops/cca/NOTES.md v5)"
+            "\n\n"
         )
         text += markdown_table(
             ["method", "d_h", "B", "S", "timing", "projections, one cuBLAS GEMM", "projections, 4 nn.Linear",

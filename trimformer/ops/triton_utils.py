@@ -30,6 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 try:  # grid dependency control (triton >= 3.2); without it the kernels' PDL branches are never compiled
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -110,8 +115,28 @@ _PDL_ENV = {"0": PDL_OFF, "off": PDL_OFF, "late": PDL_LATE, "early": PDL_EARLY}
 
 
 @functools.cache
-def _pdl_device(index: int) -> bool:
+def _sm90_index(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def is_sm90(device: torch.device) -> bool:
+    """Whether a CUDA ``device`` has compute capability >= 9.0 (Hopper: PDL, TMA)."""
+    return _sm90_index(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def tma_device_reason(t: torch.Tensor) -> str | None:
+    """Why tensors like ``t`` cannot be read through host TMA descriptors (Triton support, dtype, device), or
+    ``None``: fp16/bf16 on a Hopper (sm_90+) GPU or the CPU interpreter. Shape and stride rules stay per kernel."""
+    if TensorDescriptor is None:
+        return "this Triton has no host tensor descriptors"
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {t.dtype} (TMA loads take float16/bfloat16)"
+    if t.is_cuda:
+        if not is_sm90(t.device):
+            return "GPU without TMA (needs compute capability >= 9.0)"
+    elif not interpreting():
+        return f"tensors on {t.device}"
+    return None
 
 
 def pdl_mode(device: torch.device, rows: int = 0) -> int:
@@ -125,7 +150,7 @@ def pdl_mode(device: torch.device, rows: int = 0) -> int:
     mode = _PDL_ENV.get(env, PDL_DEFAULT if rows <= PDL_MAX_ROWS else PDL_OFF)
     if mode == PDL_OFF:
         return PDL_OFF
-    return mode if _pdl_device(device.index if device.index is not None else torch.cuda.current_device()) else PDL_OFF
+    return mode if is_sm90(device) else PDL_OFF
 
 
 def pdl_enabled(device: torch.device, rows: int = 0) -> bool:

@@ -24,12 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # host-side TMA descriptors (triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: pointer loads only
-    TensorDescriptor = None
-
 from trimformer.ops.triton_utils import (
+    TensorDescriptor,
     cdiv,
     dot_precision,
     dtype_reason,
@@ -40,6 +36,7 @@ from trimformer.ops.triton_utils import (
     pdl_launch,
     pdl_trigger,
     pdl_wait,
+    tma_device_reason,
 )
 
 LOG2E = 1.4426950408889634
@@ -313,11 +310,6 @@ def _varlen_fwd_kernel(
         tl.store(LSE + hq * stride_lh + bos + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=m_ok)
 
 
-@functools.cache
-def _tma_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def kv_tma_reason(k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the full key / value blocks cannot be read through TMA descriptors, or ``None`` when they can.
 
@@ -325,15 +317,9 @@ def kv_tma_reason(k: torch.Tensor, v: torch.Tensor) -> str | None:
     interpreter, a power-of-two ``D >= 16`` (no padded columns), heads packed next to each other (head stride ``D``,
     so ``[T, Hk * D]`` is a 2-D view), and 16-byte aligned base pointers and token strides.
     """
-    if TensorDescriptor is None:
-        return "this Triton has no host tensor descriptors"
-    if k.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {k.dtype} (TMA loads take float16/bfloat16)"
-    if k.is_cuda:
-        if not _tma_device(k.device.index if k.device.index is not None else torch.cuda.current_device()):
-            return "GPU without TMA (needs compute capability >= 9.0)"
-    elif not interpreting():
-        return f"tensors on {k.device}"
+    reason = tma_device_reason(k)
+    if reason is not None:
+        return reason
     d = k.shape[-1]
     if d != padded_head_dim(d):
         return f"head dim {d} is not a power of two >= 16"

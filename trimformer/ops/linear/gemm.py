@@ -30,6 +30,7 @@ import triton.language as tl
 
 from trimformer.ops.activation.fused import ACT_CODES, apply_activation
 from trimformer.ops.triton_utils import (
+    TensorDescriptor,
     cdiv,
     dot_precision,
     dtype_reason,
@@ -40,12 +41,8 @@ from trimformer.ops.triton_utils import (
     pdl_trigger,
     pdl_wait,
     prefetch_l2,
+    tma_device_reason,
 )
-
-try:  # host-side TMA descriptors (triton >= 3.4)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: the pointer kernel only
-    TensorDescriptor = None
 
 
 @dataclass(frozen=True)
@@ -107,26 +104,15 @@ def _pdl_meta(x: torch.Tensor, weight: torch.Tensor) -> dict:
     return dict(PREFETCH=prefetch, ELEM_BYTES=size, **pdl)
 
 
-@functools.cache
-def _tma_device(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def tma_reason(x2: torch.Tensor, weight: torch.Tensor, y2: torch.Tensor) -> str | None:
     """Why the tensor-descriptor kernel cannot run ``[M, K] x [N, K]^T -> [M, N]`` on these 2-D views, or ``None``.
 
     Needs triton's host descriptors, fp16/bf16, a Hopper (sm_90+) GPU or the CPU interpreter, and 16-byte aligned base
     pointers and row strides (``K`` and ``N`` multiples of 8 for contiguous tensors).
     """
-    if TensorDescriptor is None:
-        return "this Triton has no host tensor descriptors"
-    if x2.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {x2.dtype} (the TMA kernel takes float16/bfloat16)"
-    if x2.is_cuda:
-        if not _tma_device(x2.device.index if x2.device.index is not None else torch.cuda.current_device()):
-            return "GPU without TMA (needs compute capability >= 9.0)"
-    elif not interpreting():
-        return f"tensors on {x2.device}"
+    reason = tma_device_reason(x2)
+    if reason is not None:
+        return reason
     size = x2.element_size()
     for name, t in (("x", x2), ("weight", weight), ("y", y2)):
         if t.data_ptr() % 16 or (t.stride(0) * size) % 16 or t.stride(1) != 1:

@@ -22,6 +22,7 @@ from trimformer.testing.sm90 import compile_for_sm90, has_nvidia_backend
 
 pytest.importorskip("triton")
 
+from tests.ops.test_cca_triton import _close, cast  # noqa: E402  (dtype casting and the scaled closeness check)
 from trimformer.ops.cca import project_fwd  # noqa: E402
 
 F64 = torch.float64
@@ -54,16 +55,6 @@ def make_case(hq=4, hk=2, dh=16, e=32, lens=(5, 0, 20, 1), k1=2, k2=2, rotary_di
     return {k: move(v) for k, v in inp.items()}, {k: move(v) for k, v in kw.items()}
 
 
-def cast(d, dtype):
-    """Floating tensors in ``dtype``, RoPE tables in fp32 (as the layers build them)."""
-    out = {}
-    for k, v in d.items():
-        if torch.is_tensor(v) and v.is_floating_point():
-            v = v.float() if k in ("cos", "sin") else v.to(dtype)
-        out[k] = v
-    return out
-
-
 CASES = {  # name: (make_case kwargs, extra op kwargs)
     "ccgqa-empty-doc-bias": (dict(), dict()),
     "cca-k3x2-exp-nobias": (dict(hq=3, hk=3, lens=(17, 3), k1=3, rotary_dim=16, bias=False, value_state=False),
@@ -73,12 +64,6 @@ CASES = {  # name: (make_case kwargs, extra op kwargs)
     "ccgqa-d32-partial-rope": (dict(hq=4, hk=2, dh=32, lens=(19, 6), rotary_dim=16), dict()),
     "one-row-docs": (dict(hq=2, hk=2, lens=(1, 1, 0, 1, 3)), dict()),
 }  # fmt: skip
-
-
-def _close(a, b, rel, what):
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    atol = rel * max(1.0, b.abs().max().item())
-    torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=atol, msg=what)
 
 
 @pytest.mark.interpret

@@ -348,14 +348,15 @@ def _breakdown(args, rec, log, cfg, name, b, s):
             rec.add(f"{name}|d{dh}|B{b}|S{s}", "attention-core-sdpa", f"{mode} (cuda graph)", "ms", times[best],
                     method=name, head_dim=dh, batch=b, seqlen=s, part="attention", sdpa=best,
                     probe_ms={k: round(v, 4) for k, v in times.items()})  # fmt: skip
-    _projection_breakdown(args, rec, log, cfg, name, b, s, out)
+    _projection_breakdown(args, rec, log, cfg, name, b, s, out, w, cos, sin, cu)
     log(f"  breakdown {name} d={dh} B={b} S={s}: " + " ".join(f"{p}/{m}={v:.4f}" for (p, m), v in out.items()))
 
 
-def _projection_breakdown(args, rec, log, cfg, name, b, s, out) -> None:
+def _projection_breakdown(args, rec, log, cfg, name, b, s, out, conv, cos, sin, cu) -> None:
     """Forward GPU time of the layer's down-projections alone (cuBLAS: the q, k, v weights as one GEMM, and as the
     four ``nn.Linear`` calls) and of the fused projection + prologue kernel (``cca_project_prologue``): their
-    difference is what the prologue costs once fused into the projection."""
+    difference is what the prologue costs once fused into the projection. ``conv``, ``cos``, ``sin``, ``cu``: the
+    prologue inputs of :func:`_breakdown` (conv weights + temperature, RoPE tables, document offsets)."""
     import torch
     import torch.nn.functional as F
 
@@ -363,20 +364,15 @@ def _projection_breakdown(args, rec, log, cfg, name, b, s, out) -> None:
     from trimformer.ops.cca import cca_project_prologue, project_fwd
     from trimformer.ops.cca.prologue_fwd import make_meta
     from trimformer.ops.cca.prologue_gemm import conv2_k_major
-    from trimformer.ops.rope import rotary_cos_sin
 
     t, hq, hk, dh, e = b * s, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     gen = torch.Generator(device=_DEV).manual_seed(args.seed + 1)
     r = lambda *shape, std=1.0: (std * torch.randn(*shape, device=_DEV, generator=gen)).to(torch.bfloat16)
     cq, ck = hq * dh, hk * dh
-    c = cq + ck
     x = r(t, e)
     ws = [r(n, e, std=e**-0.5) for n in (cq, ck, ck // 2, ck // 2)]
     wcat = torch.cat(ws)
-    conv = [r(c, 2), r(c), r(c, dh, 2, std=dh**-0.5), r(c), torch.ones(hk, device=_DEV, dtype=torch.bfloat16)]
     w2b = conv2_k_major(conv[2])
-    cos, sin = rotary_cos_sin(torch.arange(s, device=_DEV).repeat(b), cfg.rotary_dim, cfg.rope_theta)
-    cu = torch.arange(b + 1, device=_DEV, dtype=torch.int32) * s
     kw = dict(num_heads=hq, num_kv_heads=hk)
     calls = {
         "projection-cublas[one GEMM]": lambda: x @ wcat.T,

@@ -137,6 +137,24 @@ def _check_common(
     return c, (k1 - 1) + (k2 - 1)
 
 
+def _check_packing(cu_seqlens: torch.Tensor, max_seqlen: int) -> int:
+    """Validate the packing metadata; returns the number of documents ``N``."""
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be 1-D int32 with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
+                         f"{_shape(cu_seqlens)}")  # fmt: skip
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    return cu_seqlens.numel() - 1
+
+
+def _check_value_state(state: torch.Tensor | None, n: int, ck: int, dtype: torch.dtype) -> None:
+    """``initial_value_state`` must be ``None`` or ``[N, Ck/2]`` in the latents' dtype."""
+    if state is not None and tuple(state.shape) != (n, ck // 2):
+        raise ValueError(f"initial_value_state must be [N={n}, {ck // 2}], got {_shape(state)}")
+    if state is not None and state.dtype != dtype:
+        raise ValueError(f"initial_value_state must have the dtype of q0 ({dtype}), got {state.dtype}")
+
+
 def cca_prologue(
     q0: torch.Tensor,
     k0: torch.Tensor,
@@ -207,20 +225,13 @@ def cca_prologue(
         t = q0.shape[0]
         c, pad = _check_common(t, q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias,
                                temperature, cos, sin, num_heads, num_kv_heads, temperature_mode)  # fmt: skip
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
-            raise ValueError(f"cu_seqlens must be 1-D int32 with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
-                             f"{_shape(cu_seqlens)}")  # fmt: skip
-        if not isinstance(max_seqlen, int) or max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
-        n = cu_seqlens.numel() - 1
-        ck = k0.shape[-1]
+        n = _check_packing(cu_seqlens, max_seqlen)
         if initial_conv_state is not None and tuple(initial_conv_state.shape) != (n, c, pad):
             raise ValueError(f"initial_conv_state must be [N={n}, C={c}, P={pad}], got {_shape(initial_conv_state)}")
-        if initial_value_state is not None and tuple(initial_value_state.shape) != (n, ck // 2):
-            raise ValueError(f"initial_value_state must be [N={n}, {ck // 2}], got {_shape(initial_value_state)}")
-        for name, s in (("initial_conv_state", initial_conv_state), ("initial_value_state", initial_value_state)):
-            if s is not None and s.dtype != q0.dtype:
-                raise ValueError(f"{name} must have the dtype of q0 ({q0.dtype}), got {s.dtype}")
+        if initial_conv_state is not None and initial_conv_state.dtype != q0.dtype:
+            raise ValueError(f"initial_conv_state must have the dtype of q0 ({q0.dtype}), got "
+                             f"{initial_conv_state.dtype}")  # fmt: skip
+        _check_value_state(initial_value_state, n, k0.shape[-1], q0.dtype)
     args = (q0, k0, v_cur, v_del, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin,
             cu_seqlens, max_seqlen)  # fmt: skip
     kwargs = dict(
@@ -452,14 +463,7 @@ def cca_project_prologue(
     stand = [x.new_empty(()).expand(t, n) for n in (cq, ck, ck // 2, ck // 2)]
     c, _ = _check_common(t, *stand, conv1_weight, conv1_bias, conv2_weight, conv2_bias, temperature, cos, sin,
                          num_heads, num_kv_heads, temperature_mode)  # fmt: skip
-    n = cu_seqlens.numel() - 1
-    if cu_seqlens.dim() != 1 or n < 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be 1-D int32 with N + 1 >= 2 entries, got {cu_seqlens.dtype} "
-                         f"{_shape(cu_seqlens)}")  # fmt: skip
-    if initial_value_state is not None and (tuple(initial_value_state.shape) != (n, ck // 2)
-                                            or initial_value_state.dtype != x.dtype):  # fmt: skip
-        raise ValueError(f"initial_value_state must be [N={n}, {ck // 2}] {x.dtype}, got "
-                         f"{_shape(initial_value_state)} {initial_value_state.dtype}")  # fmt: skip
+    _check_value_state(initial_value_state, _check_packing(cu_seqlens, max_seqlen), ck, x.dtype)
     fwd = _kernel_module("prologue_fwd")
     proj = _kernel_module("project_fwd")
     from trimformer.ops.cca.prologue_gemm import conv2_k_major

@@ -377,7 +377,7 @@ def linear_fwd(
     bias: torch.Tensor | None,
     kind: str,
     *,
-    config: GemmConfig | None = None,
+    config: GemmConfig | object | None = None,
 ) -> torch.Tensor:
     """Launch the GEMM; inputs are assumed validated by ``api.py``.
 
@@ -387,7 +387,8 @@ def linear_fwd(
         bias: ``[N]`` or ``None``.
         kind: canonical activation kind (``"identity"`` for none).
         config: launch configuration override (tuner, benchmarks); default :func:`default_config`. A ``tma`` config
-            that :func:`tma_reason` rejects for these tensors runs the pointer kernel with the same tiles.
+            that :func:`tma_reason` rejects for these tensors runs the pointer kernel with the same tiles; a
+            ``gemm_ws.WsGemmConfig`` runs the warp-specialised Hopper kernel (``gemm_ws.py``; sm_90 GPUs only).
 
     Returns:
         ``[..., N]`` in ``x``'s dtype.
@@ -399,6 +400,13 @@ def linear_fwd(
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    if config is not None and not isinstance(config, GemmConfig):
+        from trimformer.ops.linear import gemm_ws
+
+        reason = gemm_ws.ws_reason(x2, weight, kind)
+        if reason is not None:
+            raise ValueError(f"the warp-specialised GEMM cannot run this input: {reason}")
+        return gemm_ws.ws_linear_fwd(x2, weight, bias, kind, config=config).view(*x.shape[:-1], n)
     m = x2.shape[0]
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     if m == 0:

@@ -1,0 +1,270 @@
+"""Warp-specialised Hopper GEMM ``y = act(x @ W^T + b)`` (Gluon): the epilogue of one tile runs while the tensor
+cores work on another.
+
+Why: with ``tl`` on sm_90 (Triton 3.6) a program's epilogue (bias, erf GELU: ~17 instructions per element, the
+stores) runs after its K loop and before the next tile's, so the tensor cores idle for it: BERT's FFN1 GEMM with
+the GELU epilogue ran at ~440 TFLOP/s against cuBLAS's ~575 without one (``NOTES.md``, rounds 3 and 6). Here each
+persistent program (one per SM) runs two independent pipelines, each a TMA loader warp feeding a consumer
+warpgroup through its own ring of shared-memory stages and mbarriers. The consumers take alternate output tiles of
+the program, so while one computes its epilogue the other issues wgmma (the schedule CUTLASS calls ping-pong,
+here left to the warp scheduler instead of ordered by barriers).
+
+Partitions (``gl.warp_specialize``): the default one (4 warps) is consumer 0, the workers are consumer 1 (4 warps)
+and the two loaders (1 warp each). A consumer's K loop keeps one wgmma in flight and releases a stage as soon as
+the wgmma that read it has retired. Tiles are ``[BLOCK_M, BLOCK_N]`` of the output in grouped order
+(``GROUP_M`` row tiles share a column of ``W`` in L2); TMA reads zeros outside ``x`` and ``W``, so ragged ``M``,
+``N`` and ``K`` need no masks in the loop; the epilogue's stores are masked. fp16/bf16 operands, fp32
+accumulation, bias and activation on the fp32 accumulator (the math of ``trimformer.ops.activation.fused``).
+
+Requires a Hopper GPU (sm_90: wgmma, TMA, mbarriers; no CPU interpreter support in Gluon). Forward only; launch
+configuration by shape only; no host syncs (graph-capturable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+from trimformer.ops.activation.fused import ACT_CODES
+from trimformer.ops.triton_utils import cdiv, num_sms, tma_device_reason
+
+#: the TMA load builtin (``async_copy_global_to_shared`` in Triton 3.6, renamed ``async_load`` later)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+#: shared memory one program may use on sm_90 (227 KB), less what the mbarriers and the compiler take
+SMEM_LIMIT = 232448 - 1024
+
+
+@dataclass(frozen=True)
+class WsGemmConfig:
+    """Launch configuration of :func:`ws_linear_fwd`: output tile ``block_m x block_n`` per consumer warpgroup,
+    ``block_k`` per pipeline stage, ``stages`` per pipeline (two pipelines per SM), ``group_m`` row tiles per
+    column group of the tile order."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 64
+    stages: int = 3
+    group_m: int = 8
+
+    def __post_init__(self) -> None:
+        if self.block_m not in (64, 128) or self.block_n not in (64, 128, 256) or self.block_k not in (32, 64, 128):
+            raise ValueError(f"unsupported tile {self} (block_m 64/128, block_n 64/128/256, block_k 32/64/128)")
+        if not 2 <= self.stages <= 6 or self.group_m < 1:
+            raise ValueError(f"stages must be in [2, 6] and group_m >= 1, got {self}")
+        if self.smem_bytes() > SMEM_LIMIT:
+            raise ValueError(f"{self} needs {self.smem_bytes()} bytes of shared memory (sm_90 allows {SMEM_LIMIT})")
+
+    def smem_bytes(self, elem_bytes: int = 2) -> int:
+        """Shared memory of the operand rings (both pipelines)."""
+        return 2 * self.stages * (self.block_m + self.block_n) * self.block_k * elem_bytes
+
+
+#: registers per thread of each partition (``setmaxnreg``): the consumers hold a 128 x 128 fp32 accumulator
+#: (128 registers per thread) plus the epilogue; the loaders only issue TMA copies.
+_CONSUMER_REGS = gl.constexpr(232)
+_LOADER_REGS = gl.constexpr(24)
+#: launch-time register cap: 12 warps (3 warpgroups) x 32 threads x 168 <= 65536.
+_MAXNREG = 168
+
+
+@gluon.jit
+def _tile_coords(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+    grid_m = gl.cdiv(M, BLOCK_M)
+    width = GROUP_M * gl.cdiv(N, BLOCK_N)
+    first_m = (tile // width) * GROUP_M
+    group_size = gl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % group_size
+    pid_n = (tile % width) // group_size
+    return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+
+@gluon.jit
+def _rcp(x):
+    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _activation(h, ACT: gl.constexpr):
+    """``act(h)`` for fp32 ``h`` (codes and formulas of ``activation/fused.py``: exact GELU as
+    ``max(h, 0) - |h| Phi(-|h|)`` with a degree-7 minimax ``erfc``, tanh through ``exp``)."""
+    if ACT == 1:
+        a = gl.abs(h)
+        t = _rcp(1.0 + 0.3048 * a)
+        p = 0.0364712238 * t - 0.152453635
+        p = p * t + 0.18543732
+        p = p * t - 0.0376911086
+        p = p * t + 0.120902209
+        p = p * t + 0.103390131
+        p = p * t + 0.122383745
+        p = p * t + 0.121560082
+        h = gl.maximum(h, 0.0) - a * (p * t * gl.exp2(h * h * -0.7213475204444817))
+    elif ACT == 2:
+        y = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        h = 0.5 * h * (2.0 - 2.0 / (gl.exp(2.0 * y) + 1.0))
+    elif ACT == 3:
+        h = h / (1.0 + gl.exp(-1.702 * h))
+    elif ACT == 4:
+        h = gl.where(h > 0, h, 0.0)
+    elif ACT == 5:
+        h = h / (1.0 + gl.exp(-h))
+    elif ACT == 6:
+        h = 1.0 - 2.0 / (gl.exp(2.0 * h) + 1.0)
+    return h
+
+
+@gluon.jit
+def _loader(x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, WHICH: gl.constexpr, GROUP_M: gl.constexpr):
+    """Issue the TMA copies of pipeline ``WHICH``: its tiles are every other tile of this program's sequence."""
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    STAGES: gl.constexpr = a_bufs.type.shape[0] // 2
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    it = 0
+    for tile in range(pid + WHICH * nprog, tiles, 2 * nprog):
+        off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        for k in range(0, K, BLOCK_K):
+            s = WHICH * STAGES + it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            _tma_load(x_desc, [off_m, k], bar, a_bufs.index(s))
+            _tma_load(w_desc, [off_n, k], bar, b_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _consumer(a_bufs, b_bufs, ready, empty, bias_ptr, y_ptr, M, N, K, stride_y, WHICH: gl.constexpr,
+              HAS_BIAS: gl.constexpr, ACT: gl.constexpr, GROUP_M: gl.constexpr):  # fmt: skip
+    """wgmma over the stages of pipeline ``WHICH``, then bias + activation + masked store of each tile."""
+    BLOCK_M: gl.constexpr = a_bufs.type.shape[1]
+    BLOCK_N: gl.constexpr = b_bufs.type.shape[1]
+    BLOCK_K: gl.constexpr = a_bufs.type.shape[2]
+    STAGES: gl.constexpr = a_bufs.type.shape[0] // 2
+    layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                     instr_shape=[16, BLOCK_N, 16])  # fmt: skip
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    tiles = gl.cdiv(M, BLOCK_M) * gl.cdiv(N, BLOCK_N)
+    out_ty = y_ptr.dtype.element_ty
+    it = 0
+    for tile in range(pid + WHICH * nprog, tiles, 2 * nprog):
+        off_m, off_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout)
+        prev = 0
+        for k in range(0, K, BLOCK_K):
+            s = WHICH * STAGES + it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index(prev), count=1, pred=k > 0)  # the previous stage's wgmma has retired
+            prev = s
+            it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(prev), count=1)
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        col_ok = cols < N
+        if HAS_BIAS:
+            acc = acc + gl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(gl.float32)[None, :]
+        acc = _activation(acc, ACT)
+        ptrs = y_ptr + rows.to(gl.int64)[:, None] * stride_y + cols[None, :]
+        gl.store(ptrs, acc.to(out_ty), mask=(rows < M)[:, None] & col_ok[None, :])
+
+
+@gluon.jit
+def _ws_linear_kernel(x_desc, w_desc, bias_ptr, y_ptr, M, N, K, stride_y, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                      STAGES: gl.constexpr, GROUP_M: gl.constexpr):  # fmt: skip
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    # two rings of STAGES stages: pipeline p owns stages [p * STAGES, (p + 1) * STAGES)
+    a_bufs = gl.allocate_shared_memory(x_desc.dtype, [2 * STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+    b_bufs = gl.allocate_shared_memory(w_desc.dtype, [2 * STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [2 * STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(2 * STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    FIRST: gl.constexpr = 0
+    SECOND: gl.constexpr = 1
+    gl.warp_specialize(
+        [
+            (_consumer, (a_bufs, b_bufs, ready, empty, bias_ptr, y_ptr, M, N, K, stride_y, FIRST, HAS_BIAS, ACT,
+                         GROUP_M)),
+            (_consumer, (a_bufs, b_bufs, ready, empty, bias_ptr, y_ptr, M, N, K, stride_y, SECOND, HAS_BIAS, ACT,
+                         GROUP_M)),
+            (_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, FIRST, GROUP_M)),
+            (_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, M, N, K, SECOND, GROUP_M)),
+        ],
+        [4, 1, 1],
+        [_CONSUMER_REGS, _LOADER_REGS, _LOADER_REGS],
+    )  # fmt: skip
+
+
+def ws_reason(x2: torch.Tensor, weight: torch.Tensor, kind: str) -> str | None:
+    """Why :func:`ws_linear_fwd` cannot take ``x2 [M, K]`` and ``weight [N, K]``, or ``None``: CUDA fp16/bf16 on an
+    sm_90+ GPU, 16-byte aligned rows (``K`` a multiple of 8), a known activation."""
+    if not x2.is_cuda:
+        return f"tensors on {x2.device} (the warp-specialised GEMM is a Gluon kernel: needs an sm_90 GPU)"
+    reason = tma_device_reason(x2)
+    if reason is not None:
+        return reason
+    if kind not in ACT_CODES:
+        return f"activation {kind!r}"
+    size = x2.element_size()
+    for name, t in (("x", x2), ("weight", weight)):
+        if t.data_ptr() % 16 or (t.stride(0) * size) % 16 or t.stride(-1) != 1:
+            return f"{name} is not 16-byte aligned (pointer {t.data_ptr()}, strides {tuple(t.stride())})"
+    return None
+
+
+def ws_linear_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kind: str, *, config: WsGemmConfig | None = None
+) -> torch.Tensor:
+    """Launch the warp-specialised GEMM (inputs validated by the caller; see :func:`ws_reason`).
+
+    Args:
+        x: ``[..., K]`` fp16/bf16 CUDA tensor, last dim contiguous.
+        weight: ``[N, K]`` in ``x``'s dtype (``nn.Linear`` layout, ``K`` contiguous).
+        bias: ``[N]`` or ``None``.
+        kind: canonical activation kind (``"identity"`` for none; the keys of ``ACT_CODES``).
+        config: tile configuration (default :class:`WsGemmConfig`).
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype.
+    """
+    cfg = config or WsGemmConfig()
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    el = gl.float16 if x.dtype == torch.float16 else gl.bfloat16
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    a_layout = gl.NVMMASharedLayout.get_default_for([bm, bk], el)
+    b_layout = gl.NVMMASharedLayout.get_default_for([bn, bk], el)
+    x_desc = GluonDescriptor(x2, [m, k], [x2.stride(0), 1], [bm, bk], a_layout)
+    w_desc = GluonDescriptor(weight, [n, k], [weight.stride(0), 1], [bn, bk], b_layout)
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    programs = max(1, min(num_sms(x.device), cdiv(tiles, 2)))
+    _ws_linear_kernel[(programs,)](
+        x_desc, w_desc, bias if bias is not None else weight, y, m, n, k, n, HAS_BIAS=bias is not None,
+        ACT=ACT_CODES[kind], STAGES=cfg.stages, GROUP_M=cfg.group_m, num_warps=4, maxnreg=_MAXNREG,
+    )  # fmt: skip
+    return y
+
+
+__all__ = ["WsGemmConfig", "ws_linear_fwd", "ws_reason"]

@@ -24,9 +24,9 @@ def _inputs(m, k, n, device):
 
 def test_config_validation_and_cpu_errors():
     W = gemm_ws.WsGemmConfig
-    assert W().smem_bytes() == 2 * 3 * (128 + 128) * 64 * 2
-    for bad in (dict(block_m=256), dict(block_n=96), dict(block_k=16), dict(stages=1), dict(group_m=0),
-                dict(stages=4)):  # fmt: skip  # 4 stages of 128 x 128 x 64 in two rings: 256 KB > 227 KB
+    assert W().smem_bytes() == (3 * (256 + 128) * 64 + 256 * 128) * 2
+    for bad in (dict(block_m=64), dict(block_n=256), dict(block_k=16), dict(stages=1), dict(group_m=0),
+                dict(stages=4)):  # fmt: skip  # 4 stages of 256 x 128 x 64 + the hand-over buffer: 256 KB > 227 KB
         with pytest.raises(ValueError):
             W(**bad)
     x, w, b = (t.half() for t in _inputs(64, 32, 16, "cpu"))
@@ -48,7 +48,7 @@ import trimformer.ops.linear.gemm_ws as ws
 ws.num_sms = tu.num_sms
 torch.Tensor.is_cuda = property(lambda self: True)
 for dt, kind, cfg in ((torch.float16, "gelu_erf", ws.WsGemmConfig()), (torch.bfloat16, "identity",
-                      ws.WsGemmConfig(128, 64, 64, 4))):
+                      ws.WsGemmConfig(128, 64, 64, 5))):
     x, w, b = torch.randn(4772, 768).to(dt), torch.randn(3072, 768).to(dt), torch.randn(3072).to(dt)
     ws.ws_linear_fwd(x, w, b, kind, config=cfg)
     name, k = kernels[-1]
@@ -79,7 +79,7 @@ def test_ws_kernel_compiles_for_sm90():
     [(4772, 768, 3072, "gelu", True), (1000, 3072, 768, None, True), (1029, 200, 333, "gelu_new", False),
      (3000, 768, 2304, None, False), (129, 64, 8, "gelu", True)],
 )  # fmt: skip
-@pytest.mark.parametrize("cfg", [(128, 128, 64, 3), (128, 64, 64, 4), (64, 128, 32, 3)], ids=str)
+@pytest.mark.parametrize("cfg", [(256, 128, 64, 3), (256, 64, 64, 4), (128, 128, 32, 5)], ids=str)
 def test_ws_gemm_gpu(dtype, m, k, n, act, with_bias, cfg):
     from trimformer.ops.activation import canonical_activation
     from trimformer.ops.linear.gemm import linear_fwd

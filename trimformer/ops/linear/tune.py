@@ -114,7 +114,7 @@ def ws_candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.devi
         return []
     if m < WS_MIN_M or k % 8 or not is_sm90(device):
         return []
-    return [WsGemmConfig(128, 128, 64, 3), WsGemmConfig(128, 64, 64, 4)]
+    return [WsGemmConfig(256, 128, 64, 3), WsGemmConfig(256, 64, 64, 4)]
 
 
 def can_search(x: torch.Tensor) -> bool:

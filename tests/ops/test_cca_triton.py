@@ -89,12 +89,14 @@ def _close(a, b, rel, what):
 
 
 def _force_path(monkeypatch, path):
-    """Make the prefill forward take the one-kernel (``"fused"``) or the two-kernel (``"gemm"``) path."""
-    monkeypatch.setattr(prologue_fwd, "GEMM_MIN_ROWS", 0 if path == "gemm" else 1 << 62)
+    """Make the prefill forward take the one-kernel (``"fused"``), the two-kernel (``"twokernel"``: conv1 scratch +
+    conv2 GEMM) or the folded one-GEMM (``"folded"``) path."""
+    monkeypatch.setattr(prologue_fwd, "GEMM_MIN_ROWS", 1 << 62 if path == "fused" else 0)
+    monkeypatch.setattr(prologue_fwd, "FOLD_CONVS", path == "folded")
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("path", ["gemm", "fused"])
+@pytest.mark.parametrize("path", ["folded", "twokernel", "fused"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_and_final_state_fp32(name, path, monkeypatch):
     _force_path(monkeypatch, path)
@@ -112,7 +114,7 @@ def test_gemm_forward_grid_split_over_documents(monkeypatch):
     """The two-kernel forward launched in slices of documents (as beyond 65535 documents, here 2 per launch): each
     slice finds its documents' scratch rows (halo offsets count the documents before the slice) and states."""
     monkeypatch.setattr(prologue_gemm, "_MAX_GRID", 2)
-    _force_path(monkeypatch, "gemm")
+    _force_path(monkeypatch, "twokernel")
     case, kw = CASES["mqa-k2x3-norope-off"]
     inp = make_case(**{**case, "lens": (9, 0, 4, 17, 1)})
     q, k, v, (cs, vs) = _ref(inp, kw, return_final_state=True)
@@ -291,7 +293,7 @@ def test_explicit_triton_raises_and_auto_falls_back():
 # subprocess with TRITON_INTERPRET=0 and a stand-in driver: the interpreter runs code the GPU compiler rejects (e.g. a
 # runtime if/else that re-binds one name to tiles of two shapes), which this catches on a CPU-only machine.
 _SM90_COMPILE = r"""
-from trimformer.ops.cca import prologue_bwd as pb, prologue_fwd as pf, prologue_gemm as pg
+from trimformer.ops.cca import prologue_bwd as pb, prologue_folded as pfo, prologue_fwd as pf, prologue_gemm as pg
 pb.num_sms = tu.num_sms
 
 def case(hq, hk, dh, dt, convs, rot, **flags):
@@ -309,6 +311,9 @@ def case(hq, hk, dh, dt, convs, rot, **flags):
     pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, cst, vst, True, config=pf.default_fwd_config(dh))
     if convs == 2:
         pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, cst, vst, False, config=pg.default_gemm_config(dh))
+        for state in (cst, None):  # the folded forward with and without the initial conv state (+ its fold launch)
+            pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, state, vst, False,
+                                config=pfo.default_folded_config(dh))
     pf.cca_decode_prologue_fwd(meta, *[x[:2] for x in lat], r(2, c, meta.pad), vst.clone(), *w,
                                cos[:2] if rot else None, sin[:2] if rot else None)
     g = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]
@@ -326,14 +331,16 @@ print("compiled", len(kernels), sorted({name for name, _ in kernels}))
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90():
-    """Every kernel (prefill, decode, the four backward launches) compiles for sm_90 across head dims, head layouts,
-    dtypes and switches: checked on the CPU with Triton's compiler and ptxas, no GPU needed."""
+    """Every kernel (prefill: one-kernel, two-kernel and folded with its fold launch; decode; the four backward
+    launches) compiles for sm_90 across head dims, head layouts, dtypes and switches: checked on the CPU with Triton's
+    compiler and ptxas, no GPU needed."""
     if not has_nvidia_backend():
         pytest.skip("this Triton build has no NVIDIA backend (compiler and ptxas) to compile sm_90 kernels with")
     proc = compile_for_sm90(_SM90_COMPILE, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    names = {"_cca_fwd_kernel", "_conv1_scratch_kernel", "_conv2_gemm_kernel", "_final_state_kernel",
-             "_cca_bwd_norm_kernel", "_cca_bwd_dx_kernel", "_cca_bwd_dw2_kernel", "_reduce_kernel"}  # fmt: skip
+    names = {"_cca_fwd_kernel", "_conv1_scratch_kernel", "_conv2_gemm_kernel", "_folded_gemm_kernel", "_fold_kernel",
+             "_final_state_kernel", "_cca_bwd_norm_kernel", "_cca_bwd_dx_kernel", "_cca_bwd_dw2_kernel",
+             "_reduce_kernel"}  # fmt: skip
     assert all(n in proc.stdout for n in names), proc.stdout
 
 

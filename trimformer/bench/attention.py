@@ -16,10 +16,11 @@ them once per shape; each row records the ``core`` that ran).
 Baselines run ``impl="torch"``: each point tries every SDPA backend named by ``--backends`` (and, for grouped heads,
 the variant that expands K/V to all query heads) with a short probe, then times the fastest; the provider column
 records which one won. Decode baselines are timed on both PyTorch's cache path (SDPA with a mask, ``torch``) and our
-flash-decoding kernel (``ours-kernels``). ``--breakdown`` also times the CCA prologue (and, as
-``prologue-triton[one-kernel fwd]``, the one-kernel forward that the two-kernel one replaced) and the attention core
-alone (our kernel and the fastest SDPA backend); ``--sweep`` adds prologue launch configurations (``SWEEP_FWD``) and
-the fp32 ``dY2`` scratch of the backward.
+flash-decoding kernel (``ours-kernels``). ``--breakdown`` also times the CCA prologue (its default forward is the
+folded one-GEMM kernel; ``prologue-triton[folded fwd]``, ``[folded fwd, weights pre-folded]`` (the kernel without
+its per-call fold launch), ``[two-kernel fwd]`` (conv1 scratch + conv2 GEMM) and ``[one-kernel fwd]`` time the
+forwards one by one) and the attention core alone (our kernel and the fastest SDPA backend); ``--sweep`` adds
+prologue launch configurations (``SWEEP_FWD``) and the fp32 ``dY2`` scratch of the backward.
 
 Eager timings: CUDA events around each call, L2 flushed before every call, median of repeats (p20/p80 kept).
 Rows go to ``attention.csv``; ``attention.md`` and the PNG plots are rendered from the rows of the run by
@@ -251,7 +252,7 @@ def _breakdown(args, rec, log, cfg, name, b, s):
 
     from trimformer.bench.attention_kernel import _prime_clocks, _try
     from trimformer.ops.attention import varlen_attention
-    from trimformer.ops.cca import cca_prologue, prologue_bwd, prologue_fwd
+    from trimformer.ops.cca import cca_prologue, prologue_bwd, prologue_folded, prologue_fwd, prologue_gemm
     from trimformer.ops.cca import core as cca_core
     from trimformer.ops.rope import rotary_cos_sin
 
@@ -267,7 +268,10 @@ def _breakdown(args, rec, log, cfg, name, b, s):
     kw = dict(num_heads=hq, num_kv_heads=hk)
     cot = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]
     variants = {"prologue-triton": ("triton", None, None), "prologue-torch": ("torch", None, None),
-                "prologue-triton[one-kernel fwd]": ("triton", prologue_fwd.default_fwd_config(dh), None)}  # fmt: skip
+                "prologue-triton[one-kernel fwd]": ("triton", prologue_fwd.default_fwd_config(dh), None),
+                "prologue-triton[two-kernel fwd]": ("triton", prologue_gemm.default_gemm_config(dh), None),
+                "prologue-triton[folded fwd]": ("triton", prologue_folded.default_folded_config(dh), None),
+                "prologue-triton[folded fwd, weights pre-folded]": ("triton", "pre-folded", None)}  # fmt: skip
     if args.sweep and (name, dh, b) == ("CCA-4x", 128, 1):  # rows x warps x pipeline stages; the fp32 dY2 scratch
         for fc in SWEEP_FWD:
             variants[f"prologue-triton[fwd {fc[0]}x w{fc[1]} s{fc[2]}]"] = ("triton", prologue_fwd.FwdConfig(*fc), None)
@@ -275,6 +279,7 @@ def _breakdown(args, rec, log, cfg, name, b, s):
         variants["prologue-triton[bwd dY2 fp32]"] = ("triton", None, bc)
     meta = prologue_fwd.make_meta(lat[0], w[0], w[2], cos, qk_mean=True, value_shift=True, temperature_mode="linear",
                                   **kw)  # fmt: skip
+    folded = prologue_folded.fold_conv_weights(*w[:4], torch.bfloat16)
     out = {}
     for label, (impl, fcfg, bcfg) in variants.items():
         for mode in ("fwd", "fwd+bwd"):
@@ -283,6 +288,10 @@ def _breakdown(args, rec, log, cfg, name, b, s):
             leaves = [x.requires_grad_(mode == "fwd+bwd") for x in (*lat, *w)]
 
             def call(impl=impl, mode=mode, fcfg=fcfg, bcfg=bcfg):
+                if fcfg == "pre-folded":  # the folded kernel alone, weights folded once outside the timed region
+                    q, k, v = lat[0].new_empty(t, hq, dh), lat[0].new_empty(t, hk, dh), lat[0].new_empty(t, hk, dh)
+                    return prologue_folded.launch_folded_fwd(meta, *lat, *w, cos, sin, cu, s, None, None, q, k, v,
+                                                             folded=folded)  # fmt: skip
                 if fcfg is not None:
                     return prologue_fwd.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, s, None, None, False,
                                                          config=fcfg)  # fmt: skip

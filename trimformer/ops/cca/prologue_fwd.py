@@ -19,8 +19,9 @@ columns of two tiles.
 One program owns one ``(token tile, head, document)``; head ``hh < h`` is a query head, ``hh >= h`` key head
 ``hh - h`` (which also writes its value head). Decode runs the same kernel with one row per sequence (every row its
 own one-token document whose left context is the state) and then advances the states in place. The prefill forward
-with both convolutions runs the faster two-kernel version in ``prologue_gemm.py`` (conv1 into a scratch, conv2 as a
-pipelined GEMM) by default (:func:`use_gemm_path`); this kernel's ``_head_z`` stays the backward's recomputation.
+with both convolutions runs a GEMM forward (:func:`use_gemm_path`): by default the convolutions folded into one GEMM
+over the latents (``prologue_folded.py``, :data:`FOLD_CONVS`), else conv1 into a scratch and conv2 as a pipelined GEMM
+(``prologue_gemm.py``); this kernel's ``_head_z`` stays the backward's recomputation.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ class FwdConfig:
 
 @dataclass(frozen=True)
 class GemmFwdConfig:
-    """Launch configuration of the two-kernel prefill forward (``prologue_gemm.py``): ``block_t`` rows,
-    ``num_warps`` and pipelining depth ``num_stages`` of the conv2 GEMM kernel; ``conv_block_t`` rows and
+    """Launch configuration of the GEMM prefill forwards (``prologue_gemm.py``, ``prologue_folded.py``): ``block_t``
+    rows, ``num_warps`` and pipelining depth ``num_stages`` of the (conv2) GEMM kernel; ``conv_block_t`` rows and
     ``conv_warps`` of the conv1 kernel; ``block_k`` the GEMM's reduction chunk (0: ``min(64, d_h)``) and
-    ``early_epilogue`` (start the accumulators from the conv2 bias + qk-mean, loaded before the GEMM loop)."""
+    ``early_epilogue`` (start the accumulators from the conv2 bias + qk-mean, loaded before the GEMM loop);
+    ``folded``: run the one-GEMM forward with both convolutions folded (``prologue_folded.py``, no conv1 fields);
+    ``max_regs``: ptxas register cap per thread of the GEMM kernel (``maxnreg``; 0: none)."""
 
     block_t: int
     num_warps: int
@@ -65,9 +68,12 @@ class GemmFwdConfig:
     conv_warps: int = 4
     block_k: int = 0
     early_epilogue: bool = False
+    folded: bool = False
+    max_regs: int = 0
 
 
-GEMM_MIN_ROWS = 0  # prefill with two convs takes the two-kernel forward from this many rows (NOTES.md, v4)
+GEMM_MIN_ROWS = 0  # prefill with two convs takes a GEMM forward from this many rows (NOTES.md, v4)
+FOLD_CONVS = True  # ... the folded one-GEMM forward (prologue_folded.py); False: conv1 scratch + conv2 GEMM
 
 
 def use_gemm_path(meta: Meta, rows: int) -> bool:
@@ -530,7 +536,8 @@ def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatu
                      config: FwdConfig | GemmFwdConfig | None = None, w2t: torch.Tensor | None = None):  # fmt: skip
     """Prefill forward (arguments as :func:`trimformer.ops.cca.cca_prologue`, validated there; ``w2t``: a
     precomputed :func:`conv2_transposed` of ``w2``). ``config``: a :class:`FwdConfig` runs the one-kernel forward,
-    a :class:`GemmFwdConfig` the two-kernel one (two convolutions only), ``None`` picks by :func:`use_gemm_path`.
+    a :class:`GemmFwdConfig` the folded (``folded=True``) or two-kernel GEMM forward (two convolutions only),
+    ``None`` picks by :func:`use_gemm_path` and :data:`FOLD_CONVS`.
 
     Returns:
         ``(q [T, h, d_h], k [T, h_k, d_h], v [T, h_k, d_h], final | None)`` in the dtype of ``q0``.
@@ -542,10 +549,12 @@ def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatu
     v = torch.empty(t, meta.hk, meta.dh, dtype=q0.dtype, device=q0.device)
     cst = initial_conv_state if meta.pad else None
     if meta.num_convs == 2 and (isinstance(config, GemmFwdConfig) or (config is None and use_gemm_path(meta, t))):
-        from trimformer.ops.cca.prologue_gemm import launch_gemm_fwd
+        from trimformer.ops.cca import prologue_folded, prologue_gemm
 
-        launch_gemm_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens, max_seqlen,
-                        cst, initial_value_state, q, k, v, config=config)  # fmt: skip
+        fold = config.folded if config is not None else FOLD_CONVS
+        launch = prologue_folded.launch_folded_fwd if fold else prologue_gemm.launch_gemm_fwd
+        launch(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,
+               initial_value_state, q, k, v, config=config)  # fmt: skip
     else:
         w2t = conv2_transposed(w2) if w2t is None else w2t
         launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2t, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,

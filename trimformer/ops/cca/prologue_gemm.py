@@ -150,12 +150,37 @@ def _conv2_gemm_kernel(
                  VALUE_SHIFT, HAS_VST)  # fmt: skip
 
 
+def check_gemm_config(cfg: GemmFwdConfig) -> None:
+    """``ValueError`` unless ``cfg.block_k`` is 0 or a power of two."""
+    if cfg.block_k and cfg.block_k & (cfg.block_k - 1) or cfg.block_k < 0:
+        raise ValueError(f"GemmFwdConfig.block_k must be 0 or a power of two, got {cfg.block_k}")
+
+
+def max_regs(cfg: GemmFwdConfig) -> dict:
+    """Launch option capping the GEMM kernel's registers per thread (``maxnreg``), or none."""
+    return {"maxnreg": cfg.max_regs} if cfg.max_regs else {}
+
+
+def epilogue_args(meta: Meta, q0, k0, v_cur, v_del, cos, sin, vst, q, k, v) -> dict:
+    """Keyword arguments of the GEMM kernels' shared epilogue (qk-mean, norm, RoPE, value head): strides and
+    constexprs, from the launch's latents, RoPE tables, value state and outputs."""
+    ce = meta.constexprs()
+    return dict(
+        s_q0=q0.stride(0), s_k0=k0.stride(0), s_vc=v_cur.stride(0), s_vd=v_del.stride(0),
+        s_cos=cos.stride(0) if cos is not None else 0, s_sin=sin.stride(0) if sin is not None else 0,
+        s_vsn=vst.stride(0) if vst is not None else 0, s_qt=q.stride(0), s_qh=q.stride(1), s_kt=k.stride(0),
+        s_kh=k.stride(1), s_vt=v.stride(0), s_vh=v.stride(1), sqrt_dh=math.sqrt(meta.dh), eps=NORM_EPS, HQ=meta.hq,
+        HK=meta.hk, DH=meta.dh, BD=ce["BD"], HALF=ce["HALF"], RB=ce["RB"], NOPE=ce["NOPE"], NB=ce["NB"],
+        QK_MEAN=meta.qk_mean, VALUE_SHIFT=meta.value_shift, EXP_TEMP=meta.exp_temp, HAS_VST=vst is not None,
+    )  # fmt: skip
+
+
 def launch_gemm_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu, max_seqlen, cst,
                     vst, q, k, v, *, config: GemmFwdConfig | None = None,
                     w2b: torch.Tensor | None = None) -> None:  # fmt: skip
     """Prefill forward with two convolutions (``meta.num_convs == 2``) in two launches, writing ``q [T, h, d_h]``,
     ``k, v [T, h_k, d_h]``; arguments as :func:`trimformer.ops.cca.prologue_fwd.launch_fwd` (last dims unit-stride),
-    ``w2b`` an optional precomputed :func:`conv2_k_major` of ``w2``."""
+    ``w2b`` an optional precomputed :func:`conv2_k_major` of ``w2`` (``config.folded`` is not read here)."""
     if meta.num_convs != 2:
         raise ValueError(f"the two-kernel forward needs both convolutions, got {meta.num_convs}")
     n_seq = cu.numel() - 1
@@ -163,8 +188,7 @@ def launch_gemm_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatur
     if rows == 0 or max_seqlen == 0:
         return
     cfg = config or default_gemm_config(meta.dh)
-    if cfg.block_k and cfg.block_k & (cfg.block_k - 1) or cfg.block_k < 0:
-        raise ValueError(f"GemmFwdConfig.block_k must be 0 or a power of two, got {cfg.block_k}")
+    check_gemm_config(cfg)
     ce = meta.constexprs()
     halo = meta.k2 - 1
     c = (meta.hq + meta.hk) * meta.dh
@@ -177,6 +201,7 @@ def launch_gemm_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatur
     conv_tiles = cdiv(max_seqlen + halo, cfg.conv_block_t)
     bk = min(cfg.block_k, ce["BD"]) if cfg.block_k else ce["BK"]
     tiles = cdiv(max_seqlen, cfg.block_t)
+    ep = epilogue_args(meta, q0, k0, v_cur, v_del, cos, sin, vst, q, k, v)
     for s0 in range(0, n_seq, _MAX_GRID):
         n = min(_MAX_GRID, n_seq - s0)
         cu_s = cu[s0:] if s0 else cu
@@ -189,17 +214,19 @@ def launch_gemm_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatur
         _conv2_gemm_kernel[(tiles, heads, n)](
             y1, q0, k0, v_cur, v_del, w2b, b2 if b2 is not None else dummy, temperature,
             cos if cos is not None else dummy, sin if sin is not None else dummy, cu_s,
-            vst[s0:] if vst is not None else dummy, q, k, v, s0,
-            y1.stride(0), q0.stride(0), k0.stride(0), v_cur.stride(0), v_del.stride(0), w2b.stride(0), w2b.stride(1),
-            cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
-            vst.stride(0) if vst is not None else 0, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), math.sqrt(meta.dh), NORM_EPS, HQ=meta.hq, HK=meta.hk, DH=meta.dh, BD=ce["BD"],
-            BK=bk, HALF=ce["HALF"], RB=ce["RB"], NOPE=ce["NOPE"], NB=ce["NB"], K2=meta.k2,
-            QK_MEAN=meta.qk_mean, VALUE_SHIFT=meta.value_shift, EXP_TEMP=meta.exp_temp, HAS_VST=vst is not None,
-            HAS_B2=b2 is not None, BT=cfg.block_t, EARLY=cfg.early_epilogue, DOT_PREC=dot_precision(q0.dtype),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            vst[s0:] if vst is not None else dummy, q, k, v, s0, y1.stride(0), s_w0=w2b.stride(0),
+            s_w1=w2b.stride(1), **ep, BK=bk, K2=meta.k2, HAS_B2=b2 is not None, BT=cfg.block_t,
+            EARLY=cfg.early_epilogue, DOT_PREC=dot_precision(q0.dtype), num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **max_regs(cfg),
         )  # fmt: skip
 
 
-__all__ = ["GemmFwdConfig", "conv2_k_major", "default_gemm_config", "launch_gemm_fwd"]
+__all__ = [
+    "GemmFwdConfig",
+    "check_gemm_config",
+    "conv2_k_major",
+    "default_gemm_config",
+    "epilogue_args",
+    "launch_gemm_fwd",
+    "max_regs",
+]

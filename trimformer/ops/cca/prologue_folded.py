@@ -16,8 +16,8 @@ read straight from ``q0``/``k0`` at ``P + 1`` row taps, with no conv1 pass and n
 Precision: ``Mf`` is computed in fp32 from the (16-bit) weights and rounded to the input dtype once; ``bf`` stays
 fp32. The two-kernel forward instead rounds ``Y1 = conv1(X)`` to the input dtype before conv2. Emulated in fp64 on
 the GPU test shapes (d_h 64-256, CCA and CCGQA, bf16 and fp16), the folded forward's error against the fp64
-reference is ~4% lower in rms and equal in max to the two-kernel one's (both ~0.5x plain PyTorch's); a hi/lo split
-of ``Mf`` (two dots per chunk) would lower the rms by another ~9% only, so the weights are rounded once.
+reference is 3-5% lower in rms than the two-kernel one's and within +-12% in max (both ~0.5x plain PyTorch's max);
+a hi/lo split of ``Mf`` (two dots per chunk) lowers the rms by another ~9% only, so the weights are rounded once.
 
 Per call the folding is one small launch (``_fold_kernel``, ``[P + 1, d_h, C]`` weights, like the two-kernel
 forward's ``conv2_k_major`` copy); :func:`fold_conv_weights` is the same fold in PyTorch, for callers that cache it.

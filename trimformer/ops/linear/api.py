@@ -2,9 +2,8 @@
 
 ``impl`` selects the implementation:
 
-* ``"auto"``: on CUDA, without an activation, cuBLAS (``F.linear``, bias in cuBLAS's epilogue; in fp16/bf16 the
-  Triton GEMM instead where it measured faster: up to :data:`SMALL_M` rows any of its kernels, above that the
-  warp-specialised Hopper kernel of ``gemm_ws.py`` on sm_90); with one, either
+* ``"auto"``: on CUDA, without an activation, cuBLAS (``F.linear``, bias in cuBLAS's epilogue; up to
+  :data:`SMALL_M` rows in fp16/bf16 the Triton GEMM instead where it measured faster); with one, either
   the Triton GEMM with the bias and activation in its epilogue (``gemm.py``) or cuBLAS followed by the fused
   bias + activation kernel (``trimformer.ops.activation``), whichever measured faster for the shape on this GPU
   (``tune.py``: timed once per shape bucket, outside CUDA-graph captures). On CPU (or when autograd needs
@@ -35,8 +34,8 @@ _IMPLS = ("auto", "triton", "torch", "naive")
 #: ``"always"`` (Triton GEMM epilogue, shape-only config) or ``"never"`` (cuBLAS + fused bias-activation kernel).
 #: Benchmarks switch it.
 EPILOGUE_POLICY = {"mode": "measured"}
-#: GEMMs without an activation are measured against every Triton kernel up to this many rows (latency-bound sizes,
-#: where small Triton tiles can beat cuBLAS's choice); larger ones only against the warp-specialised GEMM.
+#: GEMMs without an activation are measured against cuBLAS only up to this many rows (latency-bound sizes, where
+#: small Triton tiles can beat cuBLAS's choice); larger ones always run cuBLAS.
 SMALL_M = 512
 
 
@@ -89,11 +88,10 @@ def linear(
             impl = "torch"
         elif act is None:
             k = x.shape[-1]
-            if EPILOGUE_POLICY["mode"] == "measured" and x.numel() and x.dtype != torch.float32:
+            if EPILOGUE_POLICY["mode"] == "measured" and 0 < x.numel() <= SMALL_M * k and x.dtype != torch.float32:
                 from trimformer.ops.linear import tune
 
-                large = x.numel() > SMALL_M * k  # above SMALL_M rows only the warp-specialised GEMM is timed
-                cfg = tune.choose(x, weight, bias, "identity", lambda w: F.linear(x, w, bias), ws_only=large)
+                cfg = tune.choose(x, weight, bias, "identity", lambda w: F.linear(x, w, bias))
                 if cfg is not None:
                     return _kernel_module().linear_fwd(x, weight, bias, "identity", config=cfg)
             return F.linear(x, weight, bias)

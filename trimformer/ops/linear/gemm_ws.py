@@ -21,6 +21,10 @@ as cuBLAS followed by the fused bias-activation kernel computes them. TMA reads 
 ragged ``M``, ``N`` and ``K`` need no masks in the K loop. Tiles are visited in grouped order (``GROUP_M`` row tiles
 share a column of ``W`` in L2). Requires a Hopper GPU (sm_90: wgmma, TMA, mbarriers, ``setmaxnreg``; Gluon has no
 CPU interpreter). Forward only; configuration by shape only; no host syncs (graph-capturable).
+
+Status (H100, NOTES.md round 7): correct, but not faster than what ``linear(impl="auto")`` already picks at the BERT
+shapes (FFN1 + GELU at 4772 rows: 53.2 us against the ``tl`` persistent kernel's 51.2; identity GEMMs 5-30% behind
+cuBLAS), so the tuner does not time it; ``gemm.linear_fwd(..., config=WsGemmConfig())`` runs it.
 """
 
 from __future__ import annotations

@@ -34,20 +34,11 @@ import torch
 
 from trimformer.ops.linear.gemm import GemmConfig, default_config, linear_fwd
 from trimformer.ops.linear.splitk import SplitKConfig, default_split_k_config
-from trimformer.ops.triton_utils import cdiv, is_sm90, next_power_of_2, num_sms, pdl_mode
-
-try:  # the warp-specialised Hopper GEMM is a Gluon kernel: absent from Triton builds without Gluon
-    from trimformer.ops.linear.gemm_ws import WsGemmConfig
-except ImportError:  # pragma: no cover - depends on the Triton build
-    WsGemmConfig = None
+from trimformer.ops.triton_utils import cdiv, next_power_of_2, num_sms, pdl_mode
 
 #: ``None`` = cuBLAS + fused bias-activation kernel (or + add_layer_norm); a :class:`GemmConfig` = the Triton GEMM
-#: with that config; a ``WsGemmConfig`` = the warp-specialised Hopper GEMM (``gemm_ws.py``); a
-#: :class:`SplitKConfig` = split-K Triton GEMM reduced in the add + LayerNorm kernel.
-Choice = GemmConfig | SplitKConfig | object | None
-#: the warp-specialised GEMM is a candidate from this many rows (below, its one-program-per-SM grid has too few
-#: tiles to fill two pipelines per SM)
-WS_MIN_M = 1024
+#: with that config; a :class:`SplitKConfig` = split-K Triton GEMM reduced in the add + LayerNorm kernel.
+Choice = GemmConfig | SplitKConfig | None
 #: the ``kind`` of :func:`tune_key` for ``linear_add_layer_norm`` (GEMM + bias + residual + LayerNorm)
 ADD_LN = "add_layer_norm"
 _CHOICES: dict[tuple, Choice] = {}
@@ -105,16 +96,6 @@ def candidate_configs(m: int, n: int, k: int, dtype: torch.dtype, sms: int) -> l
         if c not in seen:
             seen.append(c)
     return seen
-
-
-def ws_candidates(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> list:
-    """Configurations of the warp-specialised Hopper GEMM worth timing (empty when it cannot run: no Gluon, not an
-    sm_90 GPU, fp32, fewer than :data:`WS_MIN_M` rows, rows not 16-byte aligned)."""
-    if WsGemmConfig is None or device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
-        return []
-    if m < WS_MIN_M or k % 8 or not is_sm90(device):
-        return []
-    return [WsGemmConfig(256, 128, 64, 3), WsGemmConfig(256, 64, 64, 4)]
 
 
 def can_search(x: torch.Tensor) -> bool:
@@ -210,8 +191,6 @@ def choose(
     bias: torch.Tensor | None,
     kind: str,
     cublas: Callable[[torch.Tensor], object],
-    *,
-    ws_only: bool = False,
 ) -> Choice:
     """The remembered (or, when allowed, newly measured) choice for ``act(x @ weight^T + bias)``.
 
@@ -221,8 +200,6 @@ def choose(
         kind: canonical activation kind.
         cublas: ``cublas(w)`` runs the cuBLAS (+ fused-kernel) path once on ``x`` and the weight ``w`` (``weight`` or
             a copy of it; timed as the baseline; must be graph-capturable).
-        ws_only: time only the warp-specialised GEMM against cuBLAS (large identity GEMMs, where the ``tl``
-            kernels do not beat cuBLAS: NOTES.md, round 6); nothing to search means cuBLAS.
 
     Returns:
         ``None`` for the cuBLAS path, else the Triton launch configuration to use.
@@ -235,11 +212,7 @@ def choose(
     if not can_search(x):
         return None
     run = lambda cfg, w: cublas(w) if cfg is None else linear_fwd(x, w, bias, kind, config=cfg)  # noqa: E731
-    cands = [] if ws_only else candidate_configs(m, n, k, x.dtype, num_sms(x.device))
-    cands += ws_candidates(m, n, k, x.dtype, x.device)
-    if not cands:
-        _CHOICES[key] = None
-        return None
+    cands = candidate_configs(m, n, k, x.dtype, num_sms(x.device))
     return _search(key, run, weight, cands, graph_calls(m, n, k), x.device)
 
 
@@ -324,5 +297,4 @@ __all__ = [
     "set_choice",
     "split_k_candidates",
     "tune_key",
-    "ws_candidates",
 ]

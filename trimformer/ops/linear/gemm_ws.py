@@ -37,7 +37,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-from trimformer.ops.activation.fused import ACT_CODES
+from trimformer.ops.activation.fused import ACT_CODES, apply_activation
+from trimformer.ops.linear.gemm import _tile_coords  # @triton.jit helpers are callable from Gluon kernels
 from trimformer.ops.triton_utils import cdiv, num_sms, tma_device_reason
 
 #: the TMA load builtin (``async_copy_global_to_shared`` in Triton 3.6, renamed ``async_load`` later)
@@ -80,52 +81,6 @@ _MMA_REGS = gl.constexpr(176)
 _LOADER_REGS = gl.constexpr(24)
 #: launch-time register cap: 16 warps (4 warpgroups) x 32 threads x 128 = 65536.
 _MAXNREG = 128
-
-
-@gluon.jit
-def _tile_coords(tile, M, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
-    grid_m = gl.cdiv(M, BLOCK_M)
-    width = GROUP_M * gl.cdiv(N, BLOCK_N)
-    first_m = (tile // width) * GROUP_M
-    group_size = gl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % width) % group_size
-    pid_n = (tile % width) // group_size
-    return pid_m * BLOCK_M, pid_n * BLOCK_N
-
-
-@gluon.jit
-def _rcp(x):
-    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
-                                     pack=1)  # fmt: skip
-
-
-@gluon.jit
-def _activation(h, ACT: gl.constexpr):
-    """``act(h)`` for fp32 ``h`` (codes and formulas of ``activation/fused.py``: exact GELU as
-    ``max(h, 0) - |h| Phi(-|h|)`` with a degree-7 minimax ``erfc``, tanh through ``exp``)."""
-    if ACT == 1:
-        a = gl.abs(h)
-        t = _rcp(1.0 + 0.3048 * a)
-        p = 0.0364712238 * t - 0.152453635
-        p = p * t + 0.18543732
-        p = p * t - 0.0376911086
-        p = p * t + 0.120902209
-        p = p * t + 0.103390131
-        p = p * t + 0.122383745
-        p = p * t + 0.121560082
-        h = gl.maximum(h, 0.0) - a * (p * t * gl.exp2(h * h * -0.7213475204444817))
-    elif ACT == 2:
-        y = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        h = 0.5 * h * (2.0 - 2.0 / (gl.exp(2.0 * y) + 1.0))
-    elif ACT == 3:
-        h = h / (1.0 + gl.exp(-1.702 * h))
-    elif ACT == 4:
-        h = gl.where(h > 0, h, 0.0)
-    elif ACT == 5:
-        h = h / (1.0 + gl.exp(-h))
-    elif ACT == 6:
-        h = 1.0 - 2.0 / (gl.exp(2.0 * h) + 1.0)
-    return h
 
 
 @gluon.jit
@@ -208,7 +163,7 @@ def _epilogue(c_bufs, c_full, c_empty, bias_ptr, y_ptr, M, N, stride_y, HAS_BIAS
                 col_ok = cols < N
                 if HAS_BIAS:
                     h = h + gl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(gl.float32)[None, :]
-                h = _activation(h, ACT)
+                h = apply_activation(h, ACT)
                 gl.store(base + cols[None, :], h.to(y_ptr.dtype.element_ty), mask=row_ok & col_ok[None, :])
             mbarrier.arrive(c_empty.index(half), count=1)
         t += 1

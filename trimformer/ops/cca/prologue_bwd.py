@@ -32,6 +32,7 @@ from trimformer.ops.cca.prologue_fwd import (
     NORM_EPS,
     FwdConfig,
     Meta,
+    _head_latents,
     _head_scale,
     _head_z,
     _load_x,
@@ -286,11 +287,7 @@ def _cca_bwd_dw2_kernel(
     seqlen = tl.load(CU + n + 1) - bos
     row = PART + (n * n_chunks + chunk).to(tl.int64) * ltot
     c0 = hh * DH
-    if hh < HQ:
-        X = Q0 + hh * DH
-    else:
-        X = K0 + (hh - HQ) * DH
-    sx = tl.where(hh < HQ, s_q0, s_k0)
+    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
     DT = Q0.dtype.element_ty
     a = tl.arange(0, BD)
     a_ok = a < DH

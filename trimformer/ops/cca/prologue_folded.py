@@ -31,8 +31,17 @@ import torch
 import triton
 import triton.language as tl
 
-from trimformer.ops.cca.prologue_fwd import _MAX_GRID, GemmFwdConfig, Meta, _bias_mean, _store_qk, _store_v, _strides
-from trimformer.ops.cca.prologue_gemm import check_gemm_config, epilogue_args, max_regs
+from trimformer.ops.cca.prologue_fwd import (
+    _MAX_GRID,
+    GemmFwdConfig,
+    Meta,
+    _bias_mean,
+    _head_latents,
+    _store_qk,
+    _store_v,
+    _strides,
+)
+from trimformer.ops.cca.prologue_gemm import _weight_dots, check_gemm_config, epilogue_args, max_regs
 from trimformer.ops.triton_utils import cdiv, dot_precision, interpreting
 
 
@@ -169,17 +178,9 @@ def _folded_gemm_kernel(
     docs = offs * 0 + n
     c0 = hh * DH
     G: tl.constexpr = HQ // HK
-    if hh < HQ:
-        X = Q0 + hh * DH
-    else:
-        X = K0 + (hh - HQ) * DH
-    sx = tl.where(hh < HQ, s_q0, s_k0)
+    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
     DT = Q0.dtype.element_ty
     rk = tl.arange(0, BK)
-    ra = tl.arange(0, RB)
-    rn = tl.arange(0, NB)
-    ok_h = ra < HALF
-    ok_n = rn < NOPE
     za = tl.zeros([BT, RB], dtype=tl.float32)
     zb = tl.zeros([BT, RB], dtype=tl.float32)
     zc = tl.zeros([BT, NB], dtype=tl.float32)
@@ -197,15 +198,8 @@ def _folded_gemm_kernel(
         if HAS_CST:  # rows before the document: the initial conv state CST[doc, c0 + b, P + o]
             st = CST + docs.to(tl.int64)[:, None] * s_cn + (c0 + b[None, :]) * s_cc + (P + o)[:, None] * s_cp
             a = tl.where((o >= 0)[:, None], a, tl.load(st, mask=ok & (o < 0)[:, None], other=0.0).to(DT))
-        WB = MF + s * s_m0 + b[:, None] * s_m1 + c0
-        if HALF > 0:
-            wa = tl.load(WB + ra[None, :], mask=b_ok[:, None] & ok_h[None, :], other=0.0)
-            za = tl.dot(a, wa, za, input_precision=DOT_PREC)
-            wb = tl.load(WB + HALF + ra[None, :], mask=b_ok[:, None] & ok_h[None, :], other=0.0)
-            zb = tl.dot(a, wb, zb, input_precision=DOT_PREC)
-        if NOPE > 0:
-            wc = tl.load(WB + 2 * HALF + rn[None, :], mask=b_ok[:, None] & ok_n[None, :], other=0.0)
-            zc = tl.dot(a, wc, zc, input_precision=DOT_PREC)
+        za, zb, zc = _weight_dots(a, MF + s * s_m0 + b[:, None] * s_m1 + c0, za, zb, zc, b_ok, HALF, RB, NOPE, NB,
+                                  DOT_PREC)  # fmt: skip
     if not EARLY:
         za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, BF, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
                                 QK_MEAN, HAS_BF)  # fmt: skip

@@ -165,6 +165,17 @@ def _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, cols, col_ok, HQ: tl.conste
 
 
 @triton.jit
+def _head_latents(Q0, s_q0, K0, s_k0, hh, HQ: tl.constexpr, DH: tl.constexpr):
+    """Pointer to the first pre-conv latent of head ``hh`` (query head ``hh < HQ`` in ``Q0``, else key head
+    ``hh - HQ`` in ``K0``) and that tensor's row stride."""
+    if hh < HQ:
+        X = Q0 + hh * DH
+    else:
+        X = K0 + (hh - HQ) * DH
+    return X, tl.where(hh < HQ, s_q0, s_k0)
+
+
+@triton.jit
 def _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ: tl.constexpr, G: tl.constexpr,
                DH: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr,
                QK_MEAN: tl.constexpr, HAS_B2: tl.constexpr):  # fmt: skip
@@ -201,11 +212,7 @@ def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, 
     computes conv1 for those channels at row ``t - (k2 - 1) + i`` and adds ``Y1 @ W2[:, b, i]^T`` to every
     output block (``W2T = conv2_weight.permute(2, 0, 1)``, ``[k2, C, d_h]``, so weight rows load contiguously).
     """
-    if hh < HQ:
-        X = Q0 + hh * DH
-    else:
-        X = K0 + (hh - HQ) * DH
-    sx = tl.where(hh < HQ, s_q0, s_k0)
+    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
     c0 = hh * DH
     ra = tl.arange(0, RB)
     rn = tl.arange(0, NB)
@@ -340,11 +347,7 @@ def _cca_fwd_kernel(
               eps, HQ, HALF, RB, NOPE, NB, EXP_TEMP)  # fmt: skip
     if DECODE:
         if P > 0:  # conv state <- the last P rows of the window [state ; x_t], read before any program writes
-            if hh < HQ:
-                X = Q0 + hh * DH
-            else:
-                X = K0 + (hh - HQ) * DH
-            sx = tl.where(hh < HQ, s_q0, s_k0)
+            X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
             c0 = hh * DH
             WP: tl.constexpr = PP * BD
             w = tl.arange(0, WP)

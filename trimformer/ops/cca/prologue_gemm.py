@@ -35,6 +35,7 @@ from trimformer.ops.cca.prologue_fwd import (
     Meta,
     _bias_mean,
     _conv_block,
+    _head_latents,
     _store_qk,
     _store_v,
     _strides,
@@ -59,6 +60,27 @@ def conv2_k_major(w2: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _weight_dots(a, WB, za, zb, zc, b_ok, HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr,
+                 NB: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    """One reduction chunk of a GEMM prologue forward: ``z += a @ W`` for the three output blocks (rotated halves
+    ``za``/``zb`` ``[BT, RB]``, NoPE part ``zc`` ``[BT, NB]``). ``a [BT, BK]``; ``WB`` ``[BK, 1]`` pointers to the
+    chunk's weight rows at the head's first output column (rows with ``b_ok`` false read as 0); weights cast to
+    ``a``'s dtype."""
+    ra = tl.arange(0, RB)
+    rn = tl.arange(0, NB)
+    ok_h = b_ok[:, None] & (ra < HALF)[None, :]
+    if HALF > 0:
+        wa = tl.load(WB + ra[None, :], mask=ok_h, other=0.0).to(a.dtype)
+        za = tl.dot(a, wa, za, input_precision=DOT_PREC)
+        wb = tl.load(WB + HALF + ra[None, :], mask=ok_h, other=0.0).to(a.dtype)
+        zb = tl.dot(a, wb, zb, input_precision=DOT_PREC)
+    if NOPE > 0:
+        wc = tl.load(WB + 2 * HALF + rn[None, :], mask=b_ok[:, None] & (rn < NOPE)[None, :], other=0.0).to(a.dtype)
+        zc = tl.dot(a, wc, zc, input_precision=DOT_PREC)
+    return za, zb, zc
+
+
+@triton.jit
 def _conv1_scratch_kernel(Q0, K0, W1, B1, CU, CST, Y1S, n0, s_q0, s_k0, s_w1c, s_w1k, s_cn, s_cc, s_cp, s_y,
                           HQ: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                           P: tl.constexpr, HAS_CST: tl.constexpr, HAS_B1: tl.constexpr, BT: tl.constexpr):  # fmt: skip
@@ -75,11 +97,7 @@ def _conv1_scratch_kernel(Q0, K0, W1, B1, CU, CST, Y1S, n0, s_q0, s_k0, s_w1c, s
     row_ok = offs < seqlen
     grow = bos + offs
     docs = offs * 0 + n
-    if hh < HQ:
-        X = Q0 + hh * DH
-    else:
-        X = K0 + (hh - HQ) * DH
-    sx = tl.where(hh < HQ, s_q0, s_k0)
+    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
     c0 = hh * DH
     cols = tl.arange(0, BD)
     col_ok = cols < DH
@@ -113,12 +131,7 @@ def _conv2_gemm_kernel(
     c0 = hh * DH
     G: tl.constexpr = HQ // HK
     srow = (bos + (n0 + n) * (K2 - 1) + offs).to(tl.int64)  # scratch row of tap 0
-    DT = Y1S.dtype.element_ty
     rk = tl.arange(0, BK)
-    ra = tl.arange(0, RB)
-    rn = tl.arange(0, NB)
-    ok_h = ra < HALF
-    ok_n = rn < NOPE
     za = tl.zeros([BT, RB], dtype=tl.float32)
     zb = tl.zeros([BT, RB], dtype=tl.float32)
     zc = tl.zeros([BT, NB], dtype=tl.float32)
@@ -131,15 +144,8 @@ def _conv2_gemm_kernel(
         b_ok = b < DH
         a = tl.load(Y1S + (srow + i)[:, None] * s_y + c0 + b[None, :], mask=row_ok[:, None] & b_ok[None, :],
                     other=0.0)  # fmt: skip
-        WB = W2B + i * s_w0 + b[:, None] * s_w1 + c0
-        if HALF > 0:
-            wa = tl.load(WB + ra[None, :], mask=b_ok[:, None] & ok_h[None, :], other=0.0).to(DT)
-            za = tl.dot(a, wa, za, input_precision=DOT_PREC)
-            wb = tl.load(WB + HALF + ra[None, :], mask=b_ok[:, None] & ok_h[None, :], other=0.0).to(DT)
-            zb = tl.dot(a, wb, zb, input_precision=DOT_PREC)
-        if NOPE > 0:
-            wc = tl.load(WB + 2 * HALF + rn[None, :], mask=b_ok[:, None] & ok_n[None, :], other=0.0).to(DT)
-            zc = tl.dot(a, wc, zc, input_precision=DOT_PREC)
+        za, zb, zc = _weight_dots(a, W2B + i * s_w0 + b[:, None] * s_w1 + c0, za, zb, zc, b_ok, HALF, RB, NOPE, NB,
+                                  DOT_PREC)  # fmt: skip
     if not EARLY:
         za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, B2, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
                                 QK_MEAN, HAS_B2)  # fmt: skip

@@ -175,19 +175,6 @@ def test_dispatch_default_and_flag(monkeypatch):
     assert calls == ["folded", "twokernel", "twokernel", "folded"]
 
 
-@pytest.mark.interpret
-def test_folded_forward_fp16_within_budget_of_torch_fp16(monkeypatch):
-    monkeypatch.setattr(prologue_fwd, "FOLD_CONVS", True)
-    inp = make_case(hq=4, hk=2, dh=16, lens=(23, 9), k1=3, rotary_dim=8, states=True)
-    kw = dict(num_heads=4, num_kv_heads=2)
-    ref = _ref(inp, kw)
-    base = cca_prologue(**cast(inp, torch.float16), **kw, impl="torch")
-    got = cca_prologue(**cast(inp, torch.float16), **kw, impl="triton")
-    for a, r, b, what in zip(got[:3], ref[:3], base[:3], "qkv"):
-        assert a.dtype == torch.float16
-        assert_close_budget(a, r, b, name=f"fp16 {what}")
-
-
 # ----------------------------------------------------------------------------------------------------- GPU
 
 

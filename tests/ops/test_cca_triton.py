@@ -145,8 +145,10 @@ def test_gemm_forward_launch_configs(cfg):
 
 
 @pytest.mark.interpret
-def test_forward_fp16_within_budget_of_torch_fp16():
-    inp = make_case(hq=4, hk=2, dh=16, lens=(23, 9), rotary_dim=8, states=True)
+@pytest.mark.parametrize(("path", "k1"), [("folded", 2), ("folded", 3), ("twokernel", 2)])
+def test_forward_fp16_within_budget_of_torch_fp16(path, k1, monkeypatch):
+    _force_path(monkeypatch, path)
+    inp = make_case(hq=4, hk=2, dh=16, lens=(23, 9), k1=k1, rotary_dim=8, states=True)
     kw = dict(num_heads=4, num_kv_heads=2)
     ref = _ref(inp, kw)
     base = cca_prologue(**cast(inp, torch.float16), **kw, impl="torch")

@@ -32,6 +32,7 @@ from trimformer.ops.cca.prologue_fwd import (
     NORM_EPS,
     FwdConfig,
     Meta,
+    _chunk_cols,
     _head_latents,
     _head_scale,
     _head_z,
@@ -167,10 +168,9 @@ def _dy1(DY2, s_dy, W2T, s_t0, s_t1, bos, seqlen, c0, r, r_ok, m, b, b_ok, DT: t
          BK: tl.constexpr, DH: tl.constexpr, K2: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """``dY1[r + m, b] = sum_i sum_a dY2[r + m + (k2 - 1) - i, a] W2[a, b, i]`` as fp32 ``[BT, BB]``."""
     acc = tl.zeros([r.shape[0], b.shape[0]], dtype=tl.float32)
-    rk = tl.arange(0, BK)
     for kc in range(0, K2 * BD, BK):
         i = kc // BD
-        a = kc % BD + rk
+        a = _chunk_cols(kc, BD, BK)
         t = r + m + (K2 - 1) - i
         ok = (r_ok & (t >= 0) & (t < seqlen))[:, None] & (a < DH)[None, :]
         d2 = tl.load(DY2 + (bos + t).to(tl.int64)[:, None] * s_dy + c0 + a[None, :], mask=ok, other=0.0)

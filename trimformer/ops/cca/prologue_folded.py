@@ -36,6 +36,7 @@ from trimformer.ops.cca.prologue_fwd import (
     GemmFwdConfig,
     Meta,
     _bias_mean,
+    _chunk_cols,
     _head_latents,
     _store_qk,
     _store_v,
@@ -180,7 +181,6 @@ def _folded_gemm_kernel(
     G: tl.constexpr = HQ // HK
     X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
     DT = Q0.dtype.element_ty
-    rk = tl.arange(0, BK)
     za = tl.zeros([BT, RB], dtype=tl.float32)
     zb = tl.zeros([BT, RB], dtype=tl.float32)
     zc = tl.zeros([BT, NB], dtype=tl.float32)
@@ -189,7 +189,7 @@ def _folded_gemm_kernel(
                                 QK_MEAN, HAS_BF)  # fmt: skip
     for kc in range(0, (P + 1) * BD, BK):
         s = kc // BD
-        b = kc % BD + rk
+        b = _chunk_cols(kc, BD, BK)
         b_ok = b < DH
         o = offs - (P - s)  # in-document offset of tap s's row
         ok = row_ok[:, None] & b_ok[None, :]

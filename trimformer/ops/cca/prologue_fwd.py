@@ -165,6 +165,14 @@ def _mean_term(Q0, s_q0, K0, s_k0, hh, grow, row_ok, cols, col_ok, HQ: tl.conste
 
 
 @triton.jit
+def _chunk_cols(kc, BD: tl.constexpr, BK: tl.constexpr):
+    """Columns ``kc % BD + [0, BK)`` of the reduction chunk starting at ``kc`` (a multiple of ``BK``), marked
+    ``BK``-aligned and contiguous: the loop-carried ``kc % BD`` loses its divisibility, and without the hint the
+    tiles these columns address are loaded 2 bytes at a time instead of in 16-byte vectors (or ``cp.async``)."""
+    return tl.max_contiguous(tl.multiple_of(kc % BD + tl.arange(0, BK), BK), BK)
+
+
+@triton.jit
 def _head_latents(Q0, s_q0, K0, s_k0, hh, HQ: tl.constexpr, DH: tl.constexpr):
     """Pointer to the first pre-conv latent of head ``hh`` (query head ``hh < HQ`` in ``Q0``, else key head
     ``hh - HQ`` in ``K0``) and that tensor's row stride."""
@@ -223,10 +231,9 @@ def _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, 
     zb = tl.zeros([grow.shape[0], RB], dtype=tl.float32)
     zc = tl.zeros([grow.shape[0], NB], dtype=tl.float32)
     if NUM_CONVS == 2:
-        rk = tl.arange(0, BK)
         for kc in range(0, K2 * BD, BK):
             i = kc // BD
-            b = kc % BD + rk
+            b = _chunk_cols(kc, BD, BK)
             b_ok = b < DH
             y1 = _y1_chunk(X, sx, W1, s_w1c, s_w1k, B1, CST, s_cn, s_cc, s_cp, c0, grow, offs, docs, row_ok, b, b_ok,
                            i, K1, K2, P, HAS_CST, HAS_B1).to(DT)  # fmt: skip

@@ -34,6 +34,7 @@ from trimformer.ops.cca.prologue_fwd import (
     GemmFwdConfig,
     Meta,
     _bias_mean,
+    _chunk_cols,
     _conv_block,
     _head_latents,
     _store_qk,
@@ -131,7 +132,6 @@ def _conv2_gemm_kernel(
     c0 = hh * DH
     G: tl.constexpr = HQ // HK
     srow = (bos + (n0 + n) * (K2 - 1) + offs).to(tl.int64)  # scratch row of tap 0
-    rk = tl.arange(0, BK)
     za = tl.zeros([BT, RB], dtype=tl.float32)
     zb = tl.zeros([BT, RB], dtype=tl.float32)
     zc = tl.zeros([BT, NB], dtype=tl.float32)
@@ -140,7 +140,7 @@ def _conv2_gemm_kernel(
                                 QK_MEAN, HAS_B2)  # fmt: skip
     for kc in range(0, K2 * BD, BK):
         i = kc // BD
-        b = kc % BD + rk
+        b = _chunk_cols(kc, BD, BK)
         b_ok = b < DH
         a = tl.load(Y1S + (srow + i)[:, None] * s_y + c0 + b[None, :], mask=row_ok[:, None] & b_ok[None, :],
                     other=0.0)  # fmt: skip

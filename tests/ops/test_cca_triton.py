@@ -71,10 +71,6 @@ CASES = {  # name: (make_case kwargs, op kwargs)
     "no-conv": (dict(hq=2, hk=2, lens=(6, 3), num_convs=0), dict(num_heads=2, num_kv_heads=2)),
     "ccgqa-d32": (dict(hq=4, hk=2, dh=32, lens=(19, 6), rotary_dim=16, states=True),
                   dict(num_heads=4, num_kv_heads=2)),
-    # the folded forward adds the qk-mean as GEMM chunks for group sizes that are powers of two (here 4), and by
-    # loads before its loop for the others (3)
-    "gqa-g4-mean-dots": (dict(hq=8, hk=2, dh=16, lens=(13, 1, 7), rotary_dim=8), dict(num_heads=8, num_kv_heads=2)),
-    "gqa-g3-loaded-mean": (dict(hq=6, hk=2, dh=16, lens=(11, 4), rotary_dim=8), dict(num_heads=6, num_kv_heads=2)),
 }  # fmt: skip
 
 

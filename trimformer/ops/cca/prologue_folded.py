@@ -144,64 +144,15 @@ def launch_fold(w1, b1, w2, b2, dtype: torch.dtype) -> tuple[torch.Tensor, torch
 
 @functools.lru_cache(maxsize=64)
 def default_folded_config(head_dim: int) -> GemmFwdConfig:
-    """Launch configuration of the folded forward: the two-kernel GEMM's (64 rows, two stages, bias before the
-    loop; 8 warps above d_h 128) with registers capped at 168 up to d_h 128 (ptxas, sm_90: no spills, so three
-    4-warp programs fit an SM instead of two), the qk-mean as GEMM chunks; 16-row tiles and no pipelining under the
-    interpreter."""
+    """Launch configuration of the folded forward: the two-kernel GEMM's (64 rows, two stages, bias + qk-mean
+    before the loop; 8 warps above d_h 128) with registers capped at 168 up to d_h 128 (ptxas, sm_90: 172-174
+    uncapped, no spills at 168, so three 4-warp programs fit an SM instead of two); 16-row tiles and no pipelining
+    under the interpreter."""
     if interpreting():
-        return GemmFwdConfig(16, 4, 1, folded=True, mean_dots=True)
+        return GemmFwdConfig(16, 4, 1, folded=True)
     if triton.next_power_of_2(head_dim) <= 128:
-        return GemmFwdConfig(64, 4, 2, early_epilogue=True, folded=True, max_regs=168, mean_dots=True)
-    return GemmFwdConfig(64, 8, 2, early_epilogue=True, folded=True, mean_dots=True)
-
-
-@triton.jit
-def _scaled_identity_dots(a, b, scale, za, zb, zc, HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr,
-                          NB: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """``z += scale * a`` for input channels ``b`` (``a [BT, BK]``) as ``tl.dot``s with ``scale * I`` generated in
-    registers, one per output block (rotated halves ``za``/``zb``, NoPE part ``zc``, as in ``_weight_dots``)."""
-    ra = tl.arange(0, RB)
-    rn = tl.arange(0, NB)
-    ok_h = (ra < HALF)[None, :]
-    if HALF > 0:
-        za = tl.dot(a, tl.where((b[:, None] == ra[None, :]) & ok_h, scale, 0.0).to(a.dtype), za,
-                    input_precision=DOT_PREC)  # fmt: skip
-        zb = tl.dot(a, tl.where((b[:, None] == HALF + ra[None, :]) & ok_h, scale, 0.0).to(a.dtype), zb,
-                    input_precision=DOT_PREC)  # fmt: skip
-    if NOPE > 0:
-        zc = tl.dot(a, tl.where((b[:, None] == 2 * HALF + rn[None, :]) & (rn < NOPE)[None, :], scale, 0.0).to(a.dtype),
-                    zc, input_precision=DOT_PREC)  # fmt: skip
-    return za, zb, zc
-
-
-@triton.jit
-def _mean_dots(za, zb, zc, Q0, s_q0, K0, s_k0, hh, grow, row_ok, HQ: tl.constexpr, G: tl.constexpr,
-               DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr, RB: tl.constexpr,
-               NOPE: tl.constexpr, NB: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    """The qk-mean of head ``hh`` (``naive.py``) added to the accumulators as GEMM chunks: the pre-conv latents at
-    the output rows, of the head itself (x 1/2) and of its partners (query head: its kv head, x 1/2; kv head: its
-    ``G`` query heads, x 1/(2G)), times a scaled identity. The loads are pipelined like the conv taps' instead of
-    stalling every program before its loop; the products are exact (the scales are powers of two: ``G`` must be
-    one) and accumulate in fp32, as the loaded sum does."""
-    is_q = hh < HQ
-    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
-    if is_q:
-        XP = K0 + (hh // G) * DH
-    else:
-        XP = Q0 + (hh - HQ) * G * DH
-    sp = tl.where(is_q, s_k0, s_q0)
-    n_parts = tl.where(is_q, 2, 1 + G)
-    rows = grow.to(tl.int64)[:, None]
-    for kc in range(0, n_parts * BD, BK):
-        p = kc // BD
-        b = _chunk_cols(kc, BD, BK)
-        b_ok = b < DH
-        own = p == 0
-        xp = tl.where(own, X, XP + (p - 1) * DH)
-        a = tl.load(xp + rows * tl.where(own, sx, sp) + b[None, :], mask=row_ok[:, None] & b_ok[None, :], other=0.0)
-        scale = tl.where(own | is_q, 0.5, 0.5 / G)
-        za, zb, zc = _scaled_identity_dots(a, b, scale, za, zb, zc, HALF, RB, NOPE, NB, DOT_PREC)
-    return za, zb, zc
+        return GemmFwdConfig(64, 4, 2, early_epilogue=True, folded=True, max_regs=168)
+    return GemmFwdConfig(64, 8, 2, early_epilogue=True, folded=True)
 
 
 @triton.jit
@@ -212,13 +163,10 @@ def _folded_gemm_kernel(
     HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
     RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, QK_MEAN: tl.constexpr,
     VALUE_SHIFT: tl.constexpr, EXP_TEMP: tl.constexpr, HAS_CST: tl.constexpr, HAS_VST: tl.constexpr,
-    HAS_BF: tl.constexpr, BT: tl.constexpr, EARLY: tl.constexpr, MEAN_DOTS: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BF: tl.constexpr, BT: tl.constexpr, EARLY: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """``z = bf + sum_s X[t + s - P] @ Mf[s]`` + the epilogue, for the rows of one tile of document ``program_id(2)``
-    (``CU``/``CST``/``VST`` already offset to the launch's first document) and head ``program_id(1)``.
-
-    ``MEAN_DOTS``: the qk-mean is added by more chunks of the same GEMM (:func:`_mean_dots`) instead of by loads
-    into the accumulators before the loop, whose latency every program waited on."""
+    (``CU``/``CST``/``VST`` already offset to the launch's first document) and head ``program_id(1)``."""
     hh = tl.program_id(1)
     n = tl.program_id(2)
     bos = tl.load(CU + n)
@@ -236,13 +184,9 @@ def _folded_gemm_kernel(
     za = tl.zeros([BT, RB], dtype=tl.float32)
     zb = tl.zeros([BT, RB], dtype=tl.float32)
     zc = tl.zeros([BT, NB], dtype=tl.float32)
-    LOADED_MEAN: tl.constexpr = QK_MEAN and not MEAN_DOTS
     if EARLY:
         za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, BF, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
-                                LOADED_MEAN, HAS_BF)  # fmt: skip
-    if MEAN_DOTS:
-        za, zb, zc = _mean_dots(za, zb, zc, Q0, s_q0, K0, s_k0, hh, grow, row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE,
-                                NB, DOT_PREC)  # fmt: skip
+                                QK_MEAN, HAS_BF)  # fmt: skip
     for kc in range(0, (P + 1) * BD, BK):
         s = kc // BD
         b = _chunk_cols(kc, BD, BK)
@@ -258,7 +202,7 @@ def _folded_gemm_kernel(
                                   DOT_PREC)  # fmt: skip
     if not EARLY:
         za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, BF, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
-                                LOADED_MEAN, HAS_BF)  # fmt: skip
+                                QK_MEAN, HAS_BF)  # fmt: skip
     _store_qk(za, zb, zc, TEMP, COS, SIN, Q, K, s_cos, s_sin, s_qt, s_qh, s_kt, s_kh, hh, grow, row_ok, sqrt_dh,
               eps, HQ, HALF, RB, NOPE, NB, EXP_TEMP)  # fmt: skip
     if hh >= HQ:
@@ -290,8 +234,6 @@ def launch_folded_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperat
     n_seq = cu.numel() - 1
     ce = meta.constexprs()
     bk = min(cfg.block_k, ce["BD"]) if cfg.block_k else ce["BK"]
-    g = meta.hq // meta.hk
-    mean_dots = cfg.mean_dots and meta.qk_mean and g & (g - 1) == 0  # 1/(2G) exact in the dtype
     cs = _strides(cst, 3)
     dummy = q0
     ep = epilogue_args(meta, q0, k0, v_cur, v_del, cos, sin, vst, q, k, v)
@@ -303,8 +245,7 @@ def launch_folded_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperat
             cos if cos is not None else dummy, sin if sin is not None else dummy, cu[s0:] if s0 else cu,
             cst[s0:] if cst is not None else dummy, vst[s0:] if vst is not None else dummy, q, k, v,
             mf.stride(0), mf.stride(1), *cs, **ep, BK=bk, P=meta.pad, HAS_CST=cst is not None,
-            HAS_BF=bf is not None, BT=cfg.block_t, EARLY=cfg.early_epilogue, MEAN_DOTS=mean_dots,
-            DOT_PREC=dot_precision(q0.dtype),
+            HAS_BF=bf is not None, BT=cfg.block_t, EARLY=cfg.early_epilogue, DOT_PREC=dot_precision(q0.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **max_regs(cfg),
         )  # fmt: skip
 

@@ -59,8 +59,7 @@ class GemmFwdConfig:
     ``conv_warps`` of the conv1 kernel; ``block_k`` the GEMM's reduction chunk (0: ``min(64, d_h)``) and
     ``early_epilogue`` (start the accumulators from the conv2 bias + qk-mean, loaded before the GEMM loop);
     ``folded``: run the one-GEMM forward with both convolutions folded (``prologue_folded.py``, no conv1 fields);
-    ``max_regs``: ptxas register cap per thread of the GEMM kernel (``maxnreg``; 0: none); ``mean_dots`` (folded
-    forward): add the qk-mean as GEMM chunks over the partner latents when the group size is a power of two."""
+    ``max_regs``: ptxas register cap per thread of the GEMM kernel (``maxnreg``; 0: none)."""
 
     block_t: int
     num_warps: int
@@ -71,7 +70,6 @@ class GemmFwdConfig:
     early_epilogue: bool = False
     folded: bool = False
     max_regs: int = 0
-    mean_dots: bool = False
 
 
 GEMM_MIN_ROWS = 0  # prefill with two convs takes a GEMM forward from this many rows (NOTES.md, v4)

@@ -71,6 +71,8 @@ CASES = {  # name: (make_case kwargs, op kwargs)
     "no-conv": (dict(hq=2, hk=2, lens=(6, 3), num_convs=0), dict(num_heads=2, num_kv_heads=2)),
     "ccgqa-d32": (dict(hq=4, hk=2, dh=32, lens=(19, 6), rotary_dim=16, states=True),
                   dict(num_heads=4, num_kv_heads=2)),
+    "gqa-g4": (dict(hq=8, hk=2, dh=16, lens=(13, 1, 7), rotary_dim=8), dict(num_heads=8, num_kv_heads=2)),
+    "gqa-g3": (dict(hq=6, hk=2, dh=16, lens=(11, 4), rotary_dim=8), dict(num_heads=6, num_kv_heads=2)),
 }  # fmt: skip
 
 
@@ -313,9 +315,10 @@ def case(hq, hk, dh, dt, convs, rot, **flags):
     pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, cst, vst, True, config=pf.default_fwd_config(dh))
     if convs == 2:
         pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, cst, vst, False, config=pg.default_gemm_config(dh))
-        for state in (cst, None):  # the folded forward with and without the initial conv state (+ its fold launch)
-            pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, state, vst, False,
-                                config=pfo.default_folded_config(dh))
+        for state in (cst, None):  # the folded forward with and without the initial conv state (+ its fold launch),
+            for rows in (40, 1 << 20):  # in the configurations for short and long inputs
+                pf.cca_prologue_fwd(meta, *lat, *w, cos, sin, cu, 40, state, vst, False,
+                                    config=pfo.default_folded_config(dh, rows, hq // hk))
     pf.cca_decode_prologue_fwd(meta, *[x[:2] for x in lat], r(2, c, meta.pad), vst.clone(), *w,
                                cos[:2] if rot else None, sin[:2] if rot else None)
     g = [r(t, hq, dh), r(t, hk, dh), r(t, hk, dh)]

@@ -270,7 +270,7 @@ def _breakdown(args, rec, log, cfg, name, b, s):
     variants = {"prologue-triton": ("triton", None, None), "prologue-torch": ("torch", None, None),
                 "prologue-triton[one-kernel fwd]": ("triton", prologue_fwd.default_fwd_config(dh), None),
                 "prologue-triton[two-kernel fwd]": ("triton", prologue_gemm.default_gemm_config(dh), None),
-                "prologue-triton[folded fwd]": ("triton", prologue_folded.default_folded_config(dh), None),
+                "prologue-triton[folded fwd]": ("triton", prologue_folded.default_folded_config(dh, t, hq // hk), None),
                 "prologue-triton[folded fwd, weights pre-folded]": ("triton", "pre-folded", None)}  # fmt: skip
     if args.sweep and (name, dh, b) == ("CCA-4x", 128, 1):  # rows x warps x pipeline stages; the fp32 dY2 scratch
         for fc in SWEEP_FWD:

@@ -136,6 +136,25 @@ def test_folded_forward_launch_configs(cfg):
         _close(a, b, 3e-6, what)
 
 
+def test_default_config_by_shape(monkeypatch):
+    """The compiled-GPU defaults (NOTES v7): 128-row tiles without grouping or from WIDE_TILE_ROWS rows at d_h 128,
+    64-row capped tiles for short grouped inputs, 8 warps above d_h 128."""
+    monkeypatch.setattr(prologue_folded, "interpreting", lambda: False)
+    prologue_folded._folded_config.cache_clear()
+    try:
+        wide = prologue_folded.default_folded_config(128, 4096, 1)
+        assert (wide.block_t, wide.num_warps, wide.num_stages, wide.max_regs) == (128, 4, 3, 0)
+        narrow = prologue_folded.default_folded_config(128, prologue_folded.WIDE_TILE_ROWS - 1, 4)
+        assert (narrow.block_t, narrow.num_warps, narrow.max_regs) == (64, 4, 168)
+        assert prologue_folded.default_folded_config(128, prologue_folded.WIDE_TILE_ROWS, 4).block_t == 128
+        assert prologue_folded.default_folded_config(64, 1 << 20, 1).block_t == 64
+        assert prologue_folded.default_folded_config(256, 1 << 20, 1).num_warps == 8
+        cfgs = [prologue_folded.default_folded_config(d, 1, g) for d in (64, 128, 256) for g in (1, 4)]
+        assert all(c.folded and c.early_epilogue for c in cfgs)
+    finally:
+        prologue_folded._folded_config.cache_clear()
+
+
 @pytest.mark.interpret
 def test_folded_forward_grid_split_and_precomputed_weights(monkeypatch):
     """Launched in slices of two documents (as beyond 65535 documents): each slice finds its documents' states;

@@ -34,6 +34,7 @@ from trimformer.ops.cca.prologue_fwd import (
     Meta,
     _chunk_cols,
     _head_latents,
+    _head_rows,
     _head_scale,
     _head_z,
     _load_x,
@@ -112,11 +113,7 @@ def _cca_bwd_norm_kernel(
     nrm = tl.sqrt(tl.sum(za * za, 1) + tl.sum(zb * zb, 1) + tl.sum(zc * zc, 1))
     inv = 1.0 / tl.maximum(nrm, eps)
     g64 = grow.to(tl.int64)[:, None]
-    if hh < HQ:
-        D = DQ + hh * s_dqh
-    else:
-        D = DK + (hh - HQ) * s_dkh
-    sd = tl.where(hh < HQ, s_dqt, s_dkt)
+    D, sd = _head_rows(DQ, s_dqh, s_dqt, DK, s_dkh, s_dkt, hh, HQ)
     ra = tl.arange(0, RB)
     rn = tl.arange(0, NB)
     ok_r = row_ok[:, None] & (ra < HALF)[None, :]
@@ -201,14 +198,8 @@ def _cca_bwd_dx_kernel(
     c0 = hh * DH
     b = bb * BB + tl.arange(0, BB)
     b_ok = b < DH
-    if hh < HQ:
-        X = Q0 + hh * DH
-        DX = DQ0 + hh * DH
-    else:
-        X = K0 + (hh - HQ) * DH
-        DX = DK0 + (hh - HQ) * DH
-    sx = tl.where(hh < HQ, s_q0, s_k0)
-    sdx = tl.where(hh < HQ, s_dq0, s_dk0)
+    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
+    DX, sdx = _head_latents(DQ0, s_dq0, DK0, s_dk0, hh, HQ, DH)
     DT = Q0.dtype.element_ty
     jidx = tl.arange(0, K1P)
     acc_w1 = tl.zeros([K1P, BB], dtype=tl.float32)

@@ -173,14 +173,21 @@ def _chunk_cols(kc, BD: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _head_rows(QT, s_qh, s_qt, KT, s_kh, s_kt, hh, HQ: tl.constexpr):
+    """Pointer to the first element of head ``hh`` (query head ``hh < HQ`` of ``QT``, else key head ``hh - HQ`` of
+    ``KT``; ``s_qh``/``s_kh`` the head strides) and that tensor's row stride."""
+    if hh < HQ:
+        X = QT + hh * s_qh
+    else:
+        X = KT + (hh - HQ) * s_kh
+    return X, tl.where(hh < HQ, s_qt, s_kt)
+
+
+@triton.jit
 def _head_latents(Q0, s_q0, K0, s_k0, hh, HQ: tl.constexpr, DH: tl.constexpr):
     """Pointer to the first pre-conv latent of head ``hh`` (query head ``hh < HQ`` in ``Q0``, else key head
     ``hh - HQ`` in ``K0``) and that tensor's row stride."""
-    if hh < HQ:
-        X = Q0 + hh * DH
-    else:
-        X = K0 + (hh - HQ) * DH
-    return X, tl.where(hh < HQ, s_q0, s_k0)
+    return _head_rows(Q0, DH, s_q0, K0, DH, s_k0, hh, HQ)
 
 
 @triton.jit
@@ -278,11 +285,7 @@ def _store_qk(za, zb, zc, TEMP, COS, SIN, Q, K, s_cos, s_sin, s_qt, s_qh, s_kt, 
     sumsq = tl.sum(za * za, 1) + tl.sum(zb * zb, 1) + tl.sum(zc * zc, 1)
     f = (_head_scale(TEMP, hh, sqrt_dh, HQ, EXP_TEMP) / tl.maximum(tl.sqrt(sumsq), eps))[:, None]
     g64 = grow.to(tl.int64)[:, None]
-    if hh < HQ:
-        O = Q + hh * s_qh
-    else:
-        O = K + (hh - HQ) * s_kh
-    so = tl.where(hh < HQ, s_qt, s_kt)
+    O, so = _head_rows(Q, s_qh, s_qt, K, s_kh, s_kt, hh, HQ)
     ra = tl.arange(0, RB)
     rn = tl.arange(0, NB)
     if HALF > 0:

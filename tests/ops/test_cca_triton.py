@@ -167,18 +167,19 @@ def _grads(fn, inp, keys, cot):
     return out, {k: (t.grad if t.grad is not None else torch.zeros_like(t)) for k, t in leaves.items()}
 
 
-BWD_CASES = [("ccgqa-k2x2-empty-doc", 0), ("cca-k3x2-exp-states", 16), ("mqa-k2x3-norope-off", 0),
-             ("one-conv-states", 0), ("no-conv", 0), ("ccgqa-d32", 16)]  # fmt: skip
+BWD_CASES = [("ccgqa-k2x2-empty-doc", 0, 0), ("cca-k3x2-exp-states", 16, 48), ("mqa-k2x3-norope-off", 0, 0),
+             ("one-conv-states", 0, 0), ("no-conv", 0, 0), ("ccgqa-d32", 16, 0)]  # fmt: skip
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("name,chunk", BWD_CASES)
-def test_backward_matches_reference_fp32(name, chunk, monkeypatch):
+@pytest.mark.parametrize("name,chunk,chunk_w", BWD_CASES)
+def test_backward_matches_reference_fp32(name, chunk, chunk_w, monkeypatch):
     """Every input's gradient (latents, both convs, biases, temperature, both initial states) vs fp64 autograd;
     ``chunk=16`` splits each document's rows over several dX/dW2 programs (partial weight-gradient sums) and the
-    input channels into 16-wide blocks (two blocks at d_h = 32)."""
+    input channels into 16-wide blocks (two blocks at d_h = 32); ``chunk_w=48``: the dW2 programs walk longer
+    chunks than the dX ones (two partial buffers with different row counts)."""
     if chunk:
-        cfg = prologue_bwd.BwdConfig(16, 4, 16, 16, 4, chunk_rows=chunk)
+        cfg = prologue_bwd.BwdConfig(16, 4, 16, 16, 4, chunk_rows=chunk, chunk_rows_w=chunk_w)
         monkeypatch.setattr(prologue_bwd, "default_bwd_config", lambda dh: cfg)
     case, kw = CASES[name]
     inp = make_case(**case)

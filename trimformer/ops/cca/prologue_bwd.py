@@ -3,7 +3,8 @@
 Four launches (see ``prologue_fwd.py`` for the forward math and the coordinates):
 
 1. **norm kernel**, one program per ``(token tile, head, document)``: recomputes ``z`` from the pre-conv latents
-   (cheaper than saving it), undoes RoPE (``g = R^T dout``) and the QK-norm,
+   (cheaper than saving it; with both convolutions as the folded forward does, one GEMM over ``P + 1`` row taps
+   with the weights folded by one ``prologue_folded.launch_fold``), undoes RoPE (``g = R^T dout``) and the QK-norm,
    ``dz = (s / |z|) (g - w (w . g))`` with ``w = z / |z|`` and ``s = sqrt(d_h) beta``, and writes ``dY2 = dz`` in
    fp32; key heads also reduce ``dbeta = sqrt(d_h) sum w . g`` per tile and route ``dv`` back to ``v_cur`` and to
    the previous token's ``v_del`` (the value shift).
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trimformer.ops.cca.prologue_folded import _folded_z, launch_fold
 from trimformer.ops.cca.prologue_fwd import (
     NORM_EPS,
     FwdConfig,
@@ -53,7 +55,9 @@ class BwdConfig:
     """Launch configuration: norm kernel rows/warps, dX and dW2 kernels rows / input-channel block / warps, the
     rows each dX/dW2 program walks (0: chosen from the grid size, a multiple of ``block_t2``) and the dtype of the
     ``dY2`` scratch: ``"auto"`` (bf16 for bf16 input, which the conv2 dots round to anyway; fp32 otherwise, as fp16
-    could overflow), ``"fp32"`` or ``"input"`` (the input dtype)."""
+    could overflow), ``"fp32"`` or ``"input"`` (the input dtype); ``norm_stages``: pipelining depth of the norm
+    kernel's recomputation of ``z``, ``num_stages2`` that of the dX and dW2 kernels' loops; ``chunk_rows_w``: at
+    least this many rows per dW2 program, and at least an eighth of the longest document's (0: as the dX kernel's)."""
 
     block_t1: int
     num_warps1: int
@@ -62,6 +66,9 @@ class BwdConfig:
     num_warps2: int
     chunk_rows: int = 0
     scratch: str = "auto"
+    norm_stages: int = 1
+    num_stages2: int = 1
+    chunk_rows_w: int = 0
 
     def scratch_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """dtype of the ``dY2`` scratch for inputs of ``dtype``."""
@@ -73,24 +80,27 @@ class BwdConfig:
 
 
 def default_bwd_config(head_dim: int) -> BwdConfig:
-    """Hand-picked configuration (see NOTES.md); small tiles under the interpreter."""
+    """Measured configuration (NOTES.md v8, H100, d_h 128): up to d_h 128, 64-row tiles of 4 warps everywhere, the
+    norm kernel's folded recomputation pipelined 2 deep and dW2 programs over max(1024, L / 8) rows; at d_h 256,
+    8 warps and 32-row dX/dW2 tiles (registers). Small tiles under the interpreter."""
     bd = max(16, next_power_of_2(head_dim))
     if interpreting():
         return BwdConfig(16, 4, 16, bd, 4)
-    warps = 4 if bd <= 64 else 8  # the norm kernel holds z and g; dX/dW2 hold [64, 64]-[256, 64] fp32 tiles
-    return BwdConfig(64, warps, 64 if bd <= 128 else 32, min(bd, 64), warps)
+    if bd <= 128:
+        return BwdConfig(64, 4, 64, min(bd, 64), 4, norm_stages=2, chunk_rows_w=1024)
+    return BwdConfig(64, 8, 32, 64, 8)
 
 
 @triton.jit
 def _cca_bwd_norm_kernel(
-    Q0, K0, W1, B1, W2T, B2, TEMP, COS, SIN, CU, CST, DQ, DK, DV, DY2, DVC, DVD, DVS, DBETA,
-    s_q0, s_k0, s_w1c, s_w1k, s_t0, s_t1, s_cos, s_sin, s_cn, s_cc, s_cp,
+    Q0, K0, W1, B1, W2T, B2, MF, BF, TEMP, COS, SIN, CU, CST, DQ, DK, DV, DY2, DVC, DVD, DVS, DBETA,
+    s_q0, s_k0, s_w1c, s_w1k, s_t0, s_t1, s_m0, s_m1, s_cos, s_sin, s_cn, s_cc, s_cp,
     s_dqt, s_dqh, s_dkt, s_dkh, s_dvt, s_dvh, s_dy, s_dvc, s_dvd, s_dvsn, n_tiles, sqrt_dh, eps,
     HQ: tl.constexpr, HK: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr,
     RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, P: tl.constexpr,
     NUM_CONVS: tl.constexpr, QK_MEAN: tl.constexpr, VALUE_SHIFT: tl.constexpr, EXP_TEMP: tl.constexpr,
     HAS_CST: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, HAS_DVS: tl.constexpr, BT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, FOLDED: tl.constexpr, HAS_BF: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     hh = tl.program_id(1)
@@ -107,9 +117,14 @@ def _cca_bwd_norm_kernel(
     grow = bos + offs
     docs = offs * 0 + n
     G: tl.constexpr = HQ // HK
-    za, zb, zc = _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, s_cn, s_cc, s_cp,
-                         hh, grow, offs, docs, row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE, NB, K1, K2, P, NUM_CONVS,
-                         QK_MEAN, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
+    if FOLDED:  # both convolutions as one GEMM over the latents, as the prefill forward computes z
+        za, zb, zc = _folded_z(Q0, s_q0, K0, s_k0, MF, s_m0, s_m1, BF, CST, s_cn, s_cc, s_cp, hh, grow, offs, docs,
+                               row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE, NB, P, QK_MEAN, HAS_CST, HAS_BF, True,
+                               DOT_PREC)  # fmt: skip
+    else:
+        za, zb, zc = _head_z(Q0, s_q0, K0, s_k0, W1, s_w1c, s_w1k, B1, W2T, s_t0, s_t1, B2, CST, s_cn, s_cc, s_cp,
+                             hh, grow, offs, docs, row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE, NB, K1, K2, P, NUM_CONVS,
+                             QK_MEAN, HAS_CST, HAS_B1, HAS_B2, DOT_PREC)  # fmt: skip
     nrm = tl.sqrt(tl.sum(za * za, 1) + tl.sum(zb * zb, 1) + tl.sum(zc * zc, 1))
     inv = 1.0 / tl.maximum(nrm, eps)
     g64 = grow.to(tl.int64)[:, None]
@@ -305,20 +320,27 @@ def _cca_bwd_dw2_kernel(
 
 
 @triton.jit
-def _reduce_kernel(PART, PBETA, DW2, DB2, DW1, DB1, DTEMP, TEMP, n_slots, n_slots_b, ltot, n_blocks, o_b2, o_w1,
-                   o_b1, HK: tl.constexpr, HKP: tl.constexpr, EXP_TEMP: tl.constexpr, HAS_W2: tl.constexpr,
+def _reduce_kernel(PART, PARTW, PBETA, DW2, DB2, DW1, DB1, DTEMP, TEMP, n_slots, n_slots_w, n_slots_b, ltot, n_blocks,
+                   o_b2, o_w1, o_b1, HK: tl.constexpr, HKP: tl.constexpr, EXP_TEMP: tl.constexpr, HAS_W2: tl.constexpr,
                    HAS_B2: tl.constexpr, HAS_W1: tl.constexpr, HAS_B1: tl.constexpr, BE: tl.constexpr):  # fmt: skip
-    """Sum the partial rows ``PART [n_slots, ltot]`` / ``PBETA [n_slots_b, HK]`` and store each gradient."""
+    """Sum the partial rows ``PARTW [n_slots_w, ltot]`` (columns before ``o_w1``: dW2 kernel), ``PART [n_slots,
+    ltot]`` (columns from ``o_w1``: dX kernel) and ``PBETA [n_slots_b, HK]``, and store each gradient."""
     pid = tl.program_id(0)
     # (the two branches use distinct names: a runtime if/else may not re-bind one name to tiles of two shapes)
     if pid < n_blocks:
         e = pid * BE + tl.arange(0, BE)
         ok = e < ltot
         acc_e = tl.zeros([BE], dtype=tl.float32)
-        ptr_e = PART + e  # advanced row by row: 64-bit pointer arithmetic, no int32 overflow
-        for _s in range(0, n_slots):
-            acc_e += tl.load(ptr_e, mask=ok, other=0.0)
-            ptr_e += ltot
+        if pid * BE < o_w1:
+            ptr_w = PARTW + e  # advanced row by row: 64-bit pointer arithmetic, no int32 overflow
+            for _s in range(0, n_slots_w):
+                acc_e += tl.load(ptr_w, mask=ok & (e < o_w1), other=0.0)
+                ptr_w += ltot
+        if pid * BE + BE > o_w1:
+            ptr_e = PART + e
+            for _s in range(0, n_slots):
+                acc_e += tl.load(ptr_e, mask=ok & (e >= o_w1), other=0.0)
+                ptr_e += ltot
         if HAS_W2:
             tl.store(DW2 + e, acc_e, mask=e < o_b2)
         if HAS_B2:
@@ -384,20 +406,28 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperatur
     nbb = ce["BD"] // bb
     chunk = _chunk_rows(cfg, max_seqlen + pad, nbb * h * n_seq, dev)
     n_chunks = cdiv(max_seqlen + pad, chunk)
+    # the dW2 kernel's programs walk longer chunks than the dX kernel's: fewer partial rows to write and sum
+    want_w = max(cfg.chunk_rows_w, (max_seqlen + pad) // 8) if cfg.chunk_rows_w else 0
+    chunk_w = max(chunk, cdiv(want_w, cfg.block_t2) * cfg.block_t2) if convs == 2 else chunk
+    n_chunks_w = cdiv(max_seqlen + pad, chunk_w)
     # partial rows of kernels 2-3: [dw2 (C, d_h, k2) | db2 (C) | dw1 (C, k1) | db1 (C)]
     o_b2 = c * dh * k2 if convs == 2 else 0
     o_w1 = o_b2 + (c if convs == 2 else 0)
     o_b1 = o_w1 + (c * k1 if convs >= 1 else 0)
     ltot = o_b1 + (c if convs >= 1 else 0)
-    slots = max(1, n_seq * n_chunks)
-    part = empty(slots, max(1, ltot), dtype=torch.float32)
+    slots, slots_w = max(1, n_seq * n_chunks), max(1, n_seq * n_chunks_w)
+    part = empty(slots, max(1, ltot), dtype=torch.float32)  # dX kernel: the dw1 | db1 columns
+    part_w = empty(slots_w, max(1, ltot), dtype=torch.float32) if convs == 2 else part  # dW2: dw2 | db2
     if convs and n_seq * n_chunks == 0:
         part.zero_()
+        part_w.zero_()
     w1s = w1.stride() if w1 is not None else (0, 0)
     ts = (w2t.stride(0), w2t.stride(1)) if w2t is not None else (0, 0)
     cs = cst.stride() if cst is not None else (0, 0, 0)
     dummy = dy2
     prec = dot_precision(dt)
+    # z is recomputed as the folded prefill forward computes it (one GEMM over the latents, NOTES.md v8)
+    mf, bf = launch_fold(w1, b1, w2t.permute(1, 2, 0), b2, dt) if convs == 2 else (None, None)
     common = dict(HQ=meta.hq, HK=meta.hk, DH=dh, BD=ce["BD"], K1=k1, K2=k2, P=pad, HAS_CST=cst is not None)
     for s0 in range(0, n_seq, _MAX_GRID):
         n = min(_MAX_GRID, n_seq - s0)
@@ -405,17 +435,18 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperatur
         cst_s = _opt(cst[s0:] if cst is not None else None, dummy)
         if tiles:
             _cca_bwd_norm_kernel[(tiles, h, n)](
-                q0, k0, _opt(w1, dummy), _opt(b1, dummy), _opt(w2t, dummy), _opt(b2, dummy), temperature,
-                _opt(cos, dummy), _opt(sin, dummy), cu_s, cst_s, dq, dk, dv, dy2, dvc, dvd,
-                _opt(dvs[s0:] if dvs is not None else None, dummy), pbeta[s0 * tiles :],
-                q0.stride(0), k0.stride(0), *w1s, *ts, cos.stride(0) if cos is not None else 0,
+                q0, k0, _opt(w1, dummy), _opt(b1, dummy), _opt(w2t, dummy), _opt(b2, dummy), _opt(mf, dummy),
+                _opt(bf, dummy), temperature, _opt(cos, dummy), _opt(sin, dummy), cu_s, cst_s, dq, dk, dv, dy2, dvc,
+                dvd, _opt(dvs[s0:] if dvs is not None else None, dummy), pbeta[s0 * tiles :],
+                q0.stride(0), k0.stride(0), *w1s, *ts, *(mf.stride()[:2] if mf is not None else (0, 0)),
+                cos.stride(0) if cos is not None else 0,
                 sin.stride(0) if sin is not None else 0, *cs, dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
                 dv.stride(0), dv.stride(1), dy2.stride(0), dvc.stride(0), dvd.stride(0),
                 dvs.stride(0) if dvs is not None else 0, tiles, float(dh) ** 0.5, NORM_EPS,
                 **common, BK=ce["BK"], HALF=ce["HALF"], RB=ce["RB"], NOPE=ce["NOPE"], NB=ce["NB"], NUM_CONVS=convs,
                 QK_MEAN=meta.qk_mean, VALUE_SHIFT=meta.value_shift, EXP_TEMP=meta.exp_temp, HAS_B1=b1 is not None,
                 HAS_B2=b2 is not None, HAS_DVS=dvs is not None, BT=cfg.block_t1, DOT_PREC=prec,
-                num_warps=cfg.num_warps1, num_stages=1,
+                FOLDED=mf is not None, HAS_BF=bf is not None, num_warps=cfg.num_warps1, num_stages=cfg.norm_stages,
             )  # fmt: skip
         if not n_chunks:
             continue
@@ -426,13 +457,15 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperatur
             q0.stride(0), k0.stride(0), dy2.stride(0), *w1s, *ts, *cs, dq0.stride(0), dk0.stride(0),
             *(dcs.stride() if dcs is not None else (0, 0, 0)), n_chunks, chunk, ltot, o_w1, o_b1,
             **common, BK=ce["BK"], BB=bb, K1P=next_power_of_2(k1), NUM_CONVS=convs, QK_MEAN=meta.qk_mean,
-            HAS_DCS=dcs is not None, BT=cfg.block_t2, DOT_PREC=prec, num_warps=cfg.num_warps2, num_stages=1,
+            HAS_DCS=dcs is not None, BT=cfg.block_t2, DOT_PREC=prec, num_warps=cfg.num_warps2,
+            num_stages=cfg.num_stages2,
         )  # fmt: skip
         if convs == 2:
-            _cca_bwd_dw2_kernel[(k2 * nbb, n_chunks * h, n)](
-                q0, k0, dy2, w1, _opt(b1, dummy), cu_s, cst_s, part_s, q0.stride(0), k0.stride(0), dy2.stride(0),
-                *w1s, *cs, n_chunks, chunk, ltot, o_b2, **common, BB=bb, HAS_B1=b1 is not None, BT=cfg.block_t2,
-                DOT_PREC=prec, num_warps=cfg.num_warps2, num_stages=1,
+            _cca_bwd_dw2_kernel[(k2 * nbb, n_chunks_w * h, n)](
+                q0, k0, dy2, w1, _opt(b1, dummy), cu_s, cst_s, part_w[s0 * n_chunks_w :], q0.stride(0), k0.stride(0),
+                dy2.stride(0), *w1s, *cs, n_chunks_w, chunk_w, ltot, o_b2, **common, BB=bb, HAS_B1=b1 is not None,
+                BT=cfg.block_t2,
+                DOT_PREC=prec, num_warps=cfg.num_warps2, num_stages=cfg.num_stages2,
             )  # fmt: skip
     grad = lambda x, shape: empty(*shape, dtype=x.dtype) if x is not None else None
     dw2 = grad(w2t, (c, dh, k2)) if convs == 2 else None
@@ -441,8 +474,8 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperatur
     be = 1024 if not interpreting() else 4096
     n_blocks = cdiv(ltot, be) if convs else 0
     _reduce_kernel[(n_blocks + 1,)](
-        part, pbeta, _opt(dw2, dummy), _opt(db2, dummy), _opt(dw1, dummy), _opt(db1, dummy), dtemp, temperature,
-        slots, pbeta.shape[0], max(1, ltot), n_blocks, o_b2, o_w1, o_b1, HK=meta.hk,
+        part, part_w, pbeta, _opt(dw2, dummy), _opt(db2, dummy), _opt(dw1, dummy), _opt(db1, dummy), dtemp,
+        temperature, slots, slots_w, pbeta.shape[0], max(1, ltot), n_blocks, o_b2, o_w1, o_b1, HK=meta.hk,
         HKP=next_power_of_2(meta.hk), EXP_TEMP=meta.exp_temp, HAS_W2=dw2 is not None, HAS_B2=db2 is not None,
         HAS_W1=dw1 is not None, HAS_B1=db1 is not None, BE=be,
     )  # fmt: skip

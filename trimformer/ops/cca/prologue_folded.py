@@ -176,6 +176,43 @@ def _folded_config(head_dim: int, wide: bool) -> GemmFwdConfig:
 
 
 @triton.jit
+def _folded_z(Q0, s_q0, K0, s_k0, MF, s_m0, s_m1, BF, CST, s_cn, s_cc, s_cp, hh, grow, offs, docs, row_ok,
+              HQ: tl.constexpr, G: tl.constexpr, DH: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+              HALF: tl.constexpr, RB: tl.constexpr, NOPE: tl.constexpr, NB: tl.constexpr, P: tl.constexpr,
+              QK_MEAN: tl.constexpr, HAS_CST: tl.constexpr, HAS_BF: tl.constexpr, EARLY: tl.constexpr,
+              DOT_PREC: tl.constexpr):  # fmt: skip
+    """``z = bf + sum_s X[t + s - P] @ Mf[s]`` plus the qk-mean of head ``hh`` for the tile's rows ``grow`` (document
+    ``docs``, in-document offsets ``offs``), as ``prologue_fwd._head_z``'s three fp32 column blocks. ``EARLY``: start
+    the accumulators from the bias and qk-mean (loaded before the reduction loop) instead of adding them after it."""
+    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
+    c0 = hh * DH
+    DT = Q0.dtype.element_ty
+    za = tl.zeros([grow.shape[0], RB], dtype=tl.float32)
+    zb = tl.zeros([grow.shape[0], RB], dtype=tl.float32)
+    zc = tl.zeros([grow.shape[0], NB], dtype=tl.float32)
+    if EARLY:
+        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, BF, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
+                                QK_MEAN, HAS_BF)  # fmt: skip
+    for kc in range(0, (P + 1) * BD, BK):
+        s = kc // BD
+        b = _chunk_cols(kc, BD, BK)
+        b_ok = b < DH
+        o = offs - (P - s)  # in-document offset of tap s's row
+        ok = row_ok[:, None] & b_ok[None, :]
+        a = tl.load(X + (grow - (P - s)).to(tl.int64)[:, None] * sx + b[None, :], mask=ok & (o >= 0)[:, None],
+                    other=0.0)  # fmt: skip
+        if HAS_CST:  # rows before the document: the initial conv state CST[doc, c0 + b, P + o]
+            st = CST + docs.to(tl.int64)[:, None] * s_cn + (c0 + b[None, :]) * s_cc + (P + o)[:, None] * s_cp
+            a = tl.where((o >= 0)[:, None], a, tl.load(st, mask=ok & (o < 0)[:, None], other=0.0).to(DT))
+        za, zb, zc = _weight_dots(a, MF + s * s_m0 + b[:, None] * s_m1 + c0, za, zb, zc, b_ok, HALF, RB, NOPE, NB,
+                                  DOT_PREC)  # fmt: skip
+    if not EARLY:
+        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, BF, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
+                                QK_MEAN, HAS_BF)  # fmt: skip
+    return za, zb, zc
+
+
+@triton.jit
 def _folded_gemm_kernel(
     Q0, K0, VC, VD, MF, BF, TEMP, COS, SIN, CU, CST, VST, Q, K, V,
     s_m0, s_m1, s_cn, s_cc, s_cp, s_q0, s_k0, s_vc, s_vd, s_cos, s_sin, s_vsn, s_qt, s_qh, s_kt, s_kh, s_vt, s_vh,
@@ -197,32 +234,10 @@ def _folded_gemm_kernel(
     row_ok = offs < seqlen
     grow = bos + offs
     docs = offs * 0 + n
-    c0 = hh * DH
     G: tl.constexpr = HQ // HK
-    X, sx = _head_latents(Q0, s_q0, K0, s_k0, hh, HQ, DH)
-    DT = Q0.dtype.element_ty
-    za = tl.zeros([BT, RB], dtype=tl.float32)
-    zb = tl.zeros([BT, RB], dtype=tl.float32)
-    zc = tl.zeros([BT, NB], dtype=tl.float32)
-    if EARLY:
-        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, BF, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
-                                QK_MEAN, HAS_BF)  # fmt: skip
-    for kc in range(0, (P + 1) * BD, BK):
-        s = kc // BD
-        b = _chunk_cols(kc, BD, BK)
-        b_ok = b < DH
-        o = offs - (P - s)  # in-document offset of tap s's row
-        ok = row_ok[:, None] & b_ok[None, :]
-        a = tl.load(X + (grow - (P - s)).to(tl.int64)[:, None] * sx + b[None, :], mask=ok & (o >= 0)[:, None],
-                    other=0.0)  # fmt: skip
-        if HAS_CST:  # rows before the document: the initial conv state CST[doc, c0 + b, P + o]
-            st = CST + docs.to(tl.int64)[:, None] * s_cn + (c0 + b[None, :]) * s_cc + (P + o)[:, None] * s_cp
-            a = tl.where((o >= 0)[:, None], a, tl.load(st, mask=ok & (o < 0)[:, None], other=0.0).to(DT))
-        za, zb, zc = _weight_dots(a, MF + s * s_m0 + b[:, None] * s_m1 + c0, za, zb, zc, b_ok, HALF, RB, NOPE, NB,
-                                  DOT_PREC)  # fmt: skip
-    if not EARLY:
-        za, zb, zc = _bias_mean(za, zb, zc, Q0, s_q0, K0, s_k0, BF, hh, grow, row_ok, HQ, G, DH, HALF, RB, NOPE, NB,
-                                QK_MEAN, HAS_BF)  # fmt: skip
+    za, zb, zc = _folded_z(Q0, s_q0, K0, s_k0, MF, s_m0, s_m1, BF, CST, s_cn, s_cc, s_cp, hh, grow, offs, docs,
+                           row_ok, HQ, G, DH, BD, BK, HALF, RB, NOPE, NB, P, QK_MEAN, HAS_CST, HAS_BF, EARLY,
+                           DOT_PREC)  # fmt: skip
     _store_qk(za, zb, zc, TEMP, COS, SIN, Q, K, s_cos, s_sin, s_qt, s_qh, s_kt, s_kh, hh, grow, row_ok, sqrt_dh,
               eps, HQ, HALF, RB, NOPE, NB, EXP_TEMP)  # fmt: skip
     if hh >= HQ:

@@ -375,9 +375,11 @@ def _opt(x: torch.Tensor | None, dummy: torch.Tensor) -> torch.Tensor:
 
 
 def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperature, cos, sin, cu, max_seqlen, cst,
-                     vst_shape, *, need_cst_grad: bool, config: BwdConfig | None = None):  # fmt: skip
+                     vst_shape, *, need_cst_grad: bool, config: BwdConfig | None = None,
+                     folded: tuple[torch.Tensor, torch.Tensor | None] | None = None):  # fmt: skip
     """Gradients of the prologue (see the module docstring). Tensors as saved by :class:`CCAPrologueFunction`
-    (``w2t`` is ``conv2_weight.permute(2, 0, 1)`` contiguous; ``cst`` only when ``P > 0``).
+    (``w2t`` is ``conv2_weight.permute(2, 0, 1)`` contiguous; ``cst`` only when ``P > 0``; ``folded``: the forward's
+    ``launch_fold`` output, else the weights are folded here when both convolutions are present).
 
     Returns:
         ``(dq0, dk0, dv_cur, dv_del, dw1, db1, dw2, db2, dtemperature, dconv_state, dvalue_state)``; entries for
@@ -427,7 +429,9 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperatur
     dummy = dy2
     prec = dot_precision(dt)
     # z is recomputed as the folded prefill forward computes it (one GEMM over the latents, NOTES.md v8)
-    mf, bf = launch_fold(w1, b1, w2t.permute(1, 2, 0), b2, dt) if convs == 2 else (None, None)
+    if folded is None and convs == 2:
+        folded = launch_fold(w1, b1, w2t.permute(1, 2, 0), b2, dt)
+    mf, bf = folded if convs == 2 else (None, None)
     common = dict(HQ=meta.hq, HK=meta.hk, DH=dh, BD=ce["BD"], K1=k1, K2=k2, P=pad, HAS_CST=cst is not None)
     for s0 in range(0, n_seq, _MAX_GRID):
         n = min(_MAX_GRID, n_seq - s0)
@@ -464,8 +468,7 @@ def cca_prologue_bwd(meta: Meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperatur
             _cca_bwd_dw2_kernel[(k2 * nbb, n_chunks_w * h, n)](
                 q0, k0, dy2, w1, _opt(b1, dummy), cu_s, cst_s, part_w[s0 * n_chunks_w :], q0.stride(0), k0.stride(0),
                 dy2.stride(0), *w1s, *cs, n_chunks_w, chunk_w, ltot, o_b2, **common, BB=bb, HAS_B1=b1 is not None,
-                BT=cfg.block_t2,
-                DOT_PREC=prec, num_warps=cfg.num_warps2, num_stages=cfg.num_stages2,
+                BT=cfg.block_t2, DOT_PREC=prec, num_warps=cfg.num_warps2, num_stages=cfg.num_stages2,
             )  # fmt: skip
     grad = lambda x, shape: empty(*shape, dtype=x.dtype) if x is not None else None
     dw2 = grad(w2t, (c, dh, k2)) if convs == 2 else None
@@ -490,21 +493,23 @@ class CCAPrologueFunction(torch.autograd.Function):
                 fwd_config, bwd_config):  # fmt: skip
         q0, k0, v_cur, v_del = (last_unit(x) for x in (q0, k0, v_cur, v_del))
         w2t = conv2_transposed(w2)
+        mf, bf = launch_fold(w1, b1, w2, b2, q0.dtype) if meta.num_convs == 2 else (None, None)  # fwd and bwd
         q, k, v, _ = cca_prologue_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu,
-                                      max_seqlen, cst, vst, False, config=fwd_config, w2t=w2t)  # fmt: skip
-        ctx.save_for_backward(q0, k0, w1, b1, w2t, b2, temperature, cst, cos, sin, cu)
+                                      max_seqlen, cst, vst, False, config=fwd_config, w2t=w2t,
+                                      folded=(mf, bf) if mf is not None else None)  # fmt: skip
+        ctx.save_for_backward(q0, k0, w1, b1, w2t, b2, temperature, cst, cos, sin, cu, mf, bf)
         ctx.meta, ctx.max_seqlen, ctx.bwd_config = meta, max_seqlen, bwd_config
         ctx.vst_shape = tuple(vst.shape) if vst is not None else None
         return q, k, v
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        q0, k0, w1, b1, w2t, b2, temperature, cst, cos, sin, cu = ctx.saved_tensors
+        q0, k0, w1, b1, w2t, b2, temperature, cst, cos, sin, cu, mf, bf = ctx.saved_tensors
         meta = ctx.meta
         need_cst = cst is not None and ctx.needs_input_grad[9]
         grads = cca_prologue_bwd(meta, dq, dk, dv, q0, k0, w1, b1, w2t, b2, temperature, cos, sin, cu,
                                  ctx.max_seqlen, cst if meta.pad else None, ctx.vst_shape, need_cst_grad=need_cst,
-                                 config=ctx.bwd_config)  # fmt: skip
+                                 config=ctx.bwd_config, folded=(mf, bf) if mf is not None else None)  # fmt: skip
         dq0, dk0, dvc, dvd, dw1, db1, dw2, db2, dtemp, dcs, dvs = grads
         if need_cst and dcs is None:  # P == 0: an empty state
             dcs = torch.zeros_like(cst)

@@ -546,11 +546,14 @@ def final_states(meta: Meta, q0, k0, v_del, cu, cst, vst) -> tuple[torch.Tensor,
 
 def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens,
                      max_seqlen, initial_conv_state, initial_value_state, return_final_state,
-                     config: FwdConfig | GemmFwdConfig | None = None, w2t: torch.Tensor | None = None):  # fmt: skip
+                     config: FwdConfig | GemmFwdConfig | None = None, w2t: torch.Tensor | None = None,
+                     folded: tuple[torch.Tensor, torch.Tensor | None] | None = None):  # fmt: skip
     """Prefill forward (arguments as :func:`trimformer.ops.cca.cca_prologue`, validated there; ``w2t``: a
-    precomputed :func:`conv2_transposed` of ``w2``). ``config``: a :class:`FwdConfig` runs the one-kernel forward,
-    a :class:`GemmFwdConfig` the folded (``folded=True``) or two-kernel GEMM forward (two convolutions only),
-    ``None`` picks by :func:`use_gemm_path` and :data:`FOLD_CONVS`.
+    precomputed :func:`conv2_transposed` of ``w2``; ``folded``: a precomputed
+    ``prologue_folded.launch_fold(w1, b1, w2, b2, q0.dtype)`` for the folded forward, unused by the other paths).
+    ``config``: a :class:`FwdConfig` runs the one-kernel forward, a :class:`GemmFwdConfig` the folded
+    (``folded=True``) or two-kernel GEMM forward (two convolutions only), ``None`` picks by :func:`use_gemm_path` and
+    :data:`FOLD_CONVS`.
 
     Returns:
         ``(q [T, h, d_h], k [T, h_k, d_h], v [T, h_k, d_h], final | None)`` in the dtype of ``q0``.
@@ -565,9 +568,12 @@ def cca_prologue_fwd(meta: Meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperatu
         from trimformer.ops.cca import prologue_folded, prologue_gemm
 
         fold = config.folded if config is not None else FOLD_CONVS
-        launch = prologue_folded.launch_folded_fwd if fold else prologue_gemm.launch_gemm_fwd
-        launch(meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,
-               initial_value_state, q, k, v, config=config)  # fmt: skip
+        args = (meta, q0, k0, v_cur, v_del, w1, b1, w2, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,
+                initial_value_state, q, k, v)  # fmt: skip
+        if fold:
+            prologue_folded.launch_folded_fwd(*args, config=config, folded=folded)
+        else:
+            prologue_gemm.launch_gemm_fwd(*args, config=config)
     else:
         w2t = conv2_transposed(w2) if w2t is None else w2t
         launch_fwd(meta, q0, k0, v_cur, v_del, w1, b1, w2t, b2, temperature, cos, sin, cu_seqlens, max_seqlen, cst,

@@ -147,6 +147,38 @@ def test_packed_documents_equal_separate_runs(kind):
         torch.testing.assert_close(y[s:e], layer(x[None, s:e])[0], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mha", "gqa", "cca", "ccgqa"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_projections_equal_separate_ones(kind, bias):
+    """From ``fused_projection_min_rows`` rows on, the input projections run as one GEMM over concatenated weights:
+    same output, same gradient for the input and every parameter, and the separate ``nn.Linear`` calls are skipped."""
+    hk = 2 if kind in ("gqa", "ccgqa") else 4
+    cfg = AttentionConfig(kind=kind, hidden_size=E, num_heads=4, num_kv_heads=hk, head_dim=8, bias=bias)
+    layer = build_attention(cfg, impl="torch").double()
+    randomize(layer)
+    separate_calls = []
+    layer.k_proj.register_forward_hook(lambda *a: separate_calls.append(1))
+    x = torch.randn(2, 7, E, dtype=torch.float64)
+    dy = torch.randn(2, 7, E, dtype=torch.float64)
+    results = []
+    for min_rows in (10**9, 14):  # 14 = B * S: the fused path from exactly the threshold
+        layer.fused_projection_min_rows = min_rows
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        layer(xi).backward(dy)
+        results.append([xi.grad, *(p.grad for p in layer.parameters())])
+    assert len(separate_calls) == 1
+    assert len(results[0]) == len(results[1]) == 1 + len(list(layer.parameters()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    layer.fused_projection_min_rows = 14
+    with torch.no_grad():
+        y_fused = layer(x)
+        layer.fused_projection_min_rows = 15
+        torch.testing.assert_close(y_fused, layer(x), rtol=1e-12, atol=1e-12)
+    assert len(separate_calls) == 2
+
+
 def test_gqa_causality_bit_exact():
     cfg = AttentionConfig(kind="gqa", hidden_size=E, num_heads=6, num_kv_heads=3, head_dim=8)
     layer = build_attention(cfg).double()

@@ -14,13 +14,15 @@ CCA / CCGQA run ``impl="auto"`` (provider ``ours``): our fused Triton prologue a
 attention core the fastest of our Triton flash kernel and PyTorch's SDPA backends for the shape (the layer measures
 them once per shape; each row records the ``core`` that ran).
 Baselines run ``impl="torch"``: each point tries every SDPA backend named by ``--backends`` (and, for grouped heads,
-the variant that expands K/V to all query heads) with a short probe, then times the fastest; the provider column
-records which one won. Decode baselines are timed on both PyTorch's cache path (SDPA with a mask, ``torch``) and our
-flash-decoding kernel (``ours-kernels``). ``--breakdown`` also times the CCA prologue (its default forward is the
-folded one-GEMM kernel; ``prologue-triton[folded fwd]``, ``[folded fwd, weights pre-folded]`` (the kernel without
-its per-call fold launch), ``[two-kernel fwd]`` (conv1 scratch + conv2 GEMM) and ``[one-kernel fwd]`` time the
-forwards one by one) and the attention core alone (our kernel and the fastest SDPA backend); ``--sweep`` adds
-prologue launch configurations (``SWEEP_FWD``) and the fp32 ``dY2`` scratch of the backward.
+the variant that expands K/V to all query heads) with a short probe, then times the fastest; eager calls and
+CUDA-graph replays are probed separately (an eager probe at short S ranks backends by host overhead, so the graph rows
+get the backend fastest in GPU time, recorded with ``probe_graph_ms``); the provider column records which one won.
+Decode baselines are timed on both PyTorch's cache path (SDPA with a mask, ``torch``) and our flash-decoding kernel
+(``ours-kernels``). ``--breakdown`` also times the CCA prologue (its default forward is the folded one-GEMM kernel;
+``prologue-triton[folded fwd]``, ``[folded fwd, weights pre-folded]`` (the kernel without its per-call fold launch),
+``[two-kernel fwd]`` (conv1 scratch + conv2 GEMM) and ``[one-kernel fwd]`` time the forwards one by one) and the
+attention core alone (our kernel and the fastest SDPA backend); ``--sweep`` adds prologue launch configurations
+(``SWEEP_FWD``) and the fp32 ``dY2`` scratch of the backward.
 
 Eager timings: CUDA events around each call, L2 flushed before every call, median of repeats (p20/p80 kept).
 Rows go to ``attention.csv``; ``attention.md`` and the PNG plots are rendered from the rows of the run by
@@ -162,50 +164,67 @@ def _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl):
         def call():
             layer(xin).backward(dy)
 
+    grad_mode = torch.no_grad if mode == "fwd" else torch.enable_grad
+    case = f"{name}|d{cfg.head_dim}|B{b}|S{s}"
+    base = dict(method=name, kind=cfg.kind, head_dim=cfg.head_dim, q_heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+                batch=b, seqlen=s, dtype="bfloat16", impl=impl)  # fmt: skip
     res = {}
-    if impl == "torch":
+    if impl == "torch":  # each timing picks its own fastest backend: host overhead decides eager calls, not graphs
         cands = _sdpa_candidates(args, cfg.num_kv_heads != cfg.num_heads and cfg.kind != "mla")
-        probe = {}
-        for label, backend, expand in cands:
-            fn = _with_backend(layer, backend, expand, call)
-            t = _try(lambda *a: None, label, partial(_measure, fn, 0.0, grads, 1))
-            if t is not None:
-                probe[label] = _median(t)
-        layer.sdpa_expand_kv = False
-        if not probe:
+        prefix = "pytorch-unfused:" if name in OURS else "pytorch:"
+        eager = _probe_backends(layer, cands, call, grads, lambda fn: _median(_measure(fn, 0.0, grads, 1)))
+        with grad_mode():
+            graph = _probe_backends(layer, cands, call, grads, lambda fn: _median(_graph_ms(fn, 3)))
+        if not eager and not graph:
             log(f"  {name} B={b} S={s} {mode}: no SDPA backend ran")
             return res
-        best = min(probe, key=probe.get)
-        backend, expand = next((bk, ex) for lb, bk, ex in cands if lb == best)
-        fn = _with_backend(layer, backend, expand, call)
-        provider = ("pytorch-unfused:" if name in OURS else "pytorch:") + best
-        extra = {"probe_ms": {k: round(v, 4) for k, v in probe.items()}}
+        probes = {"probe_ms": {k: round(v, 4) for k, v in eager.items()},
+                  "probe_graph_ms": {k: round(v, 4) for k, v in graph.items()}}  # fmt: skip
+        runs = [(timing, _backend_call(layer, cands, min(p, key=p.get), call), prefix + min(p, key=p.get), probes)
+                for timing, p in (("eager", eager), ("graph", graph)) if p]  # fmt: skip
     else:
-        fn, provider, extra = call, "ours", {}
-    _prime_clocks()
-    samples = _try(log, f"{name} {mode}", partial(_measure, fn, args.rep_ms, grads))
-    layer.sdpa_expand_kv = False
-    for t in grads:
-        t.grad = None
-    if samples is None:
-        return res
-    if name in OURS:  # which attention core the layer ran (impl="auto" routes dense input to the fastest)
-        extra["core"] = layer.core_backend
-    base = dict(method=name, kind=cfg.kind, head_dim=cfg.head_dim, q_heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
-                batch=b, seqlen=s, dtype="bfloat16", impl=impl, **extra)  # fmt: skip
-    rec.add(f"{name}|d{cfg.head_dim}|B{b}|S{s}", provider, mode, "ms", samples, **base)
-    res[provider] = _median(samples)
-    # the same call replayed from a CUDA graph: GPU time without the host's launch gaps (eager calls on a slow host
-    # are launch-bound at short S)
-    reps = int(min(20, max(3, args.rep_ms // max(res[provider], 1e-3))))
-    with torch.no_grad() if mode == "fwd" else torch.enable_grad():
-        g = _try(log, f"{name} {mode} graph", partial(_graph_ms, fn, reps))
-    for t in grads:
-        t.grad = None
-    if g is not None:
-        rec.add(f"{name}|d{cfg.head_dim}|B{b}|S{s}", provider, f"{mode} (cuda graph)", "ms", g, **base)
-        res[provider + " (graph)"] = _median(g)
+        runs = [("eager", call, "ours", {}), ("graph", call, "ours", {})]
+    for timing, fn, provider, extra in runs:
+        if timing == "eager":
+            _prime_clocks()
+            samples = _try(log, f"{name} {mode}", partial(_measure, fn, args.rep_ms, grads))
+            metric = mode
+        else:  # GPU time without the host's launch gaps (eager calls on a slow host are launch-bound at short S)
+            guess = min(res.values()) if res else 1.0
+            reps = int(min(20, max(3, args.rep_ms // max(guess, 1e-3))))
+            with grad_mode():
+                samples = _try(log, f"{name} {mode} graph", partial(_graph_ms, fn, reps))
+            metric = f"{mode} (cuda graph)"
+        layer.sdpa_expand_kv = False
+        for t in grads:
+            t.grad = None
+        if samples is None:
+            continue
+        if name in OURS:  # which attention core the layer ran (impl="auto" routes dense input to the fastest)
+            extra = {**extra, "core": layer.core_backend}
+        rec.add(case, provider, metric, "ms", samples, **base, **extra)
+        res[provider + (" (graph)" if timing == "graph" else "")] = _median(samples)
     return res
+
+
+def _probe_backends(layer, cands, call, grads, timer) -> dict[str, float]:
+    """``{label: ms}`` of every SDPA candidate ``(label, backend, expand_kv)`` that runs, timed by ``timer(fn)``."""
+    from trimformer.bench.attention_kernel import _try
+
+    out = {}
+    for label, backend, expand in cands:
+        t = _try(lambda *a: None, label, partial(timer, _with_backend(layer, backend, expand, call)))
+        layer.sdpa_expand_kv = False
+        for g in grads:
+            g.grad = None
+        if t is not None:
+            out[label] = t
+    return out
+
+
+def _backend_call(layer, cands, label, call):
+    backend, expand = next((bk, ex) for lb, bk, ex in cands if lb == label)
+    return _with_backend(layer, backend, expand, call)
 
 
 def _graph_ms(fn, repeat: int = 20) -> list[float]:

@@ -50,9 +50,9 @@ class GroupedQueryAttention(AttentionBase):
     def _qkv(self, x: torch.Tensor, positions: torch.Tensor):
         c = self.config
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, c.num_heads, c.head_dim)
-        k = self.k_proj(x).reshape(t, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x).reshape(t, c.num_kv_heads, c.head_dim)
+        q, k, v = self._project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(t, c.num_heads, c.head_dim)
+        k, v = (y.reshape(t, c.num_kv_heads, c.head_dim) for y in (k, v))
         cos, sin = self._cos_sin(positions, c.rotary_dim, x.dtype)
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

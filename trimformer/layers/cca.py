@@ -45,6 +45,7 @@ from trimformer.ops.rope import rotary_cos_sin
 
 ATTENTION_KINDS = ("mha", "gqa", "mla", "cca", "ccgqa")
 LAYER_IMPLS = ("auto", "triton", "torch", "naive")
+FUSED_PROJECTION_MIN_ROWS = 1024
 
 
 @dataclass
@@ -224,6 +225,7 @@ class AttentionBase(nn.Module, ABC):
     sdpa_expand_kv: bool = False
     dense_core_routing: bool = False  # impl="auto": measure SDPA against our kernel for dense input (see _attend)
     core_backend: str | None = None
+    fused_projection_min_rows: int = FUSED_PROJECTION_MIN_ROWS  # see _project
 
     def __init__(self, config: AttentionConfig, impl: str = "auto") -> None:
         super().__init__()
@@ -322,6 +324,22 @@ class AttentionBase(nn.Module, ABC):
         slots = p.max_seqlen - lengths[rows] + offsets
         new_seqlens = (start + lengths).to(torch.int32)
         return _CachePlan(p.cu_seqlens, rows, start[rows] + offsets, slots, new_seqlens, p.max_seqlen, False)
+
+    def _project(self, x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+        """``lin(x)`` for each of ``linears`` on the same ``x [T, E]``.
+
+        From ``fused_projection_min_rows`` rows on, one GEMM over the weights concatenated per call (one launch instead
+        of several narrow ones; in training one input-gradient GEMM instead of a sum of several): the outputs are then
+        column views ``[T, out_i]`` of one ``[T, sum out_i]`` result. Below it (decode steps) every ``nn.Linear`` runs
+        alone, since copying the weights would cost more than the launches saved. Mixed biases (some ``None``) also
+        run alone.
+        """
+        biases = [lin.bias for lin in linears]
+        if x.shape[0] < self.fused_projection_min_rows or len({b is None for b in biases}) > 1:
+            return tuple(lin(x) for lin in linears)
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None if biases[0] is None else torch.cat(biases)
+        return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
 
     def _cos_sin(self, positions: torch.Tensor, rotary_dim: int, dtype: torch.dtype):
         if rotary_dim == 0:
@@ -451,7 +469,7 @@ class CCAttention(AttentionBase):
         self.temperature.fill_(1.0 if self.config.temperature_mode == "linear" else 0.0)
 
     def _projections(self, x: torch.Tensor):
-        return self.q_proj(x), self.k_proj(x), self.v_proj_current(x), self.v_proj_delayed(x)
+        return self._project(x, (self.q_proj, self.k_proj, self.v_proj_current, self.v_proj_delayed))
 
     def _value_start(self, n: int, like: torch.Tensor) -> torch.Tensor | None:
         """Delayed value before a sequence's first token: the projection of a zero hidden state (its bias)."""

@@ -11,29 +11,40 @@ from trimformer.bench import attention as bench
 
 class _Layer:
     sdpa_expand_kv = False
+    fused_projection_min_rows = 128
+
+
+def test_candidates_cover_backends_head_expansion_and_fused_projections():
+    args = argparse.Namespace(backends="cudnn,flash")
+    labels = [c[0] for c in bench._sdpa_candidates(args, grouped=True, fusable=True)]
+    variants = ["", "+fused-qkv", "+expand", "+expand+fused-qkv"]
+    assert labels == [f"sdpa-{b}{v}" for b in ("cudnn", "flash") for v in variants]
+    assert [c[0] for c in bench._sdpa_candidates(args, grouped=False)] == ["sdpa-cudnn", "sdpa-flash"]
+    with pytest.raises(ValueError, match="unknown SDPA backend 'fa3'"):
+        bench._sdpa_candidates(argparse.Namespace(backends="cudnn,fa3"), grouped=False)
 
 
 def test_probe_backends_times_each_candidate_and_skips_those_that_fail():
     layer, seen = _Layer(), []
     grad = torch.zeros(3, requires_grad=True)
     grad.grad = torch.ones(3)
-    cost = {"sdpa-cudnn": 2.0, "sdpa-flash": 1.0, "sdpa-flash+expand": 0.5}
+    cost = {"a": 2.0, "c": 1.0, "d": 0.5}
+    labels = iter("abcd")
 
-    def timer(fn):
-        label = fn()
-        seen.append((label, layer.sdpa_expand_kv))
-        if label == "sdpa-efficient":
+    def call():
+        seen.append((layer.sdpa_expand_kv, layer.fused_projection_min_rows))
+        label = next(labels)
+        if label == "b":
             raise RuntimeError("no kernel for this shape")
-        return cost[label]
+        return label
 
-    cands = [("sdpa-cudnn", "C", False), ("sdpa-efficient", "E", False), ("sdpa-flash", "F", False),
-             ("sdpa-flash+expand", "F", True)]  # fmt: skip
-    backends = iter(["sdpa-cudnn", "sdpa-efficient", "sdpa-flash", "sdpa-flash+expand"])
-    out = bench._probe_backends(layer, cands, lambda: next(backends), (grad,), timer)
-    assert out == {"sdpa-cudnn": 2.0, "sdpa-flash": 1.0, "sdpa-flash+expand": 0.5}
-    assert seen == [("sdpa-cudnn", False), ("sdpa-efficient", False), ("sdpa-flash", False),
-                    ("sdpa-flash+expand", True)]  # fmt: skip
-    assert layer.sdpa_expand_kv is False and grad.grad is None
+    backend = torch.nn.attention.SDPBackend.MATH
+    cands = [("a", backend, False, False), ("b", backend, False, True), ("c", backend, True, False),
+             ("d", backend, True, True)]  # fmt: skip
+    out = bench._probe_backends(layer, cands, call, (grad,), lambda fn: cost[fn()])
+    assert out == {"a": 2.0, "c": 1.0, "d": 0.5}
+    assert seen == [(False, None), (False, 0), (True, None), (True, 0)]
+    assert layer.sdpa_expand_kv is False and layer.fused_projection_min_rows == 128 and grad.grad is None
 
 
 @pytest.mark.gpu
@@ -48,8 +59,9 @@ def test_graph_rows_use_the_backend_fastest_in_graph_replays(tmp_path):
     bench._layer_point(args, rec, logs.append, cfg, "GQA-8", layer, 1, 1024, "fwd", "torch")
     rows = {r["metric"]: r for r in rec.rows}
     assert set(rows) == {"fwd", "fwd (cuda graph)"}, logs
+    labels = {c[0] for c in bench._sdpa_candidates(args, grouped=True, fusable=True)}
     for metric, probe in (("fwd", "probe_ms"), ("fwd (cuda graph)", "probe_graph_ms")):
-        params = json.loads(rows[metric]["params"])
-        times = params[probe]
-        assert len(times) == 6  # three backends, each with and without expanding K/V to the query heads
+        times = json.loads(rows[metric]["params"])[probe]
+        assert len(times) >= 4 and set(times) <= labels, times  # cuDNN and flash run this shape
         assert rows[metric]["provider"] == "pytorch:" + min(times, key=times.get)
+    assert layer.fused_projection_min_rows is None and layer.sdpa_expand_kv is False

@@ -14,15 +14,16 @@ CCA / CCGQA run ``impl="auto"`` (provider ``ours``): our fused Triton prologue a
 attention core the fastest of our Triton flash kernel and PyTorch's SDPA backends for the shape (the layer measures
 them once per shape; each row records the ``core`` that ran).
 Baselines run ``impl="torch"``: each point tries every SDPA backend named by ``--backends`` (and, for grouped heads,
-the variant that expands K/V to all query heads) with a short probe, then times the fastest; eager calls and
-CUDA-graph replays are probed separately (an eager probe at short S ranks backends by host overhead, so the graph rows
-get the backend fastest in GPU time, recorded with ``probe_graph_ms``); the provider column records which one won.
-Decode baselines are timed on both PyTorch's cache path (SDPA with a mask, ``torch``) and our flash-decoding kernel
-(``ours-kernels``). ``--breakdown`` also times the CCA prologue (its default forward is the folded one-GEMM kernel;
-``prologue-triton[folded fwd]``, ``[folded fwd, weights pre-folded]`` (the kernel without its per-call fold launch),
-``[two-kernel fwd]`` (conv1 scratch + conv2 GEMM) and ``[one-kernel fwd]`` time the forwards one by one) and the
-attention core alone (our kernel and the fastest SDPA backend); ``--sweep`` adds prologue launch configurations
-(``SWEEP_FWD``) and the fp32 ``dY2`` scratch of the backward.
+the variant that expands K/V to all query heads; for MHA/GQA also the variant that projects q, k and v as one GEMM)
+with a short probe, then times the fastest; eager calls and CUDA-graph replays are probed separately (an eager probe
+at short S ranks backends by host overhead, so the graph rows get the backend fastest in GPU time, recorded with
+``probe_graph_ms``); the provider column records which one won. Decode baselines are timed on both PyTorch's cache
+path (SDPA with a mask, ``torch``) and our flash-decoding kernel (``ours-kernels``). ``--breakdown`` also times the
+CCA prologue (its default forward is the folded one-GEMM kernel; ``prologue-triton[folded fwd]``, ``[folded fwd,
+weights pre-folded]`` (the kernel without its per-call fold launch), ``[two-kernel fwd]`` (conv1 scratch + conv2 GEMM)
+and ``[one-kernel fwd]`` time the forwards one by one) and the attention core alone (our kernel and the fastest SDPA
+backend); ``--sweep`` adds prologue launch configurations (``SWEEP_FWD``) and the fp32 ``dY2`` scratch of the
+backward.
 
 Eager timings: CUDA events around each call, L2 flushed before every call, median of repeats (p20/p80 kept).
 Rows go to ``attention.csv``; ``attention.md`` and the PNG plots are rendered from the rows of the run by
@@ -114,7 +115,9 @@ def _median(xs) -> float:
     return statistics.median(xs)
 
 
-def _sdpa_candidates(args, grouped: bool):
+def _sdpa_candidates(args, grouped: bool, fusable: bool = False):
+    """``(label, backend, expand_kv, fused_projections)`` for every SDPA backend of ``--backends``; grouped heads add
+    the variant that expands K/V to the query heads, ``fusable`` layers the one that projects q/k/v as one GEMM."""
     from torch.nn.attention import SDPBackend
 
     table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -123,19 +126,27 @@ def _sdpa_candidates(args, grouped: bool):
     for name in [x.strip() for x in args.backends.split(",") if x.strip()]:
         if name not in table:
             raise ValueError(f"unknown SDPA backend {name!r}; expected one of {sorted(table)}")
-        out.append((f"sdpa-{name}", table[name], False))
-        if grouped:
-            out.append((f"sdpa-{name}+expand", table[name], True))
+        for expand in (False, True) if grouped else (False,):
+            for fused in (False, True) if fusable else (False,):
+                label = f"sdpa-{name}" + ("+expand" if expand else "") + ("+fused-qkv" if fused else "")
+                out.append((label, table[name], expand, fused))
     return out
 
 
-def _with_backend(layer, backend, expand, fn):
+def _with_backend(layer, backend, expand, fused, fn):
+    """``fn`` run with one SDPA backend, K/V expansion on or off and (``fused``) the input projections as one GEMM;
+    the layer's own projection setting is restored after each call."""
     from torch.nn.attention import sdpa_kernel
 
     def run():
+        own = layer.fused_projection_min_rows
         layer.sdpa_expand_kv = expand
-        with sdpa_kernel([backend]):
-            return fn()
+        layer.fused_projection_min_rows = 0 if fused else None
+        try:
+            with sdpa_kernel([backend]):
+                return fn()
+        finally:
+            layer.fused_projection_min_rows = own
 
     return run
 
@@ -170,7 +181,8 @@ def _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl):
                 batch=b, seqlen=s, dtype="bfloat16", impl=impl)  # fmt: skip
     res = {}
     if impl == "torch":  # each timing picks its own fastest backend: host overhead decides eager calls, not graphs
-        cands = _sdpa_candidates(args, cfg.num_kv_heads != cfg.num_heads and cfg.kind != "mla")
+        grouped = cfg.num_kv_heads != cfg.num_heads and cfg.kind != "mla"
+        cands = _sdpa_candidates(args, grouped, fusable=cfg.kind in ("mha", "gqa"))
         prefix = "pytorch-unfused:" if name in OURS else "pytorch:"
         eager = _probe_backends(layer, cands, call, grads, lambda fn: _median(_measure(fn, 0.0, grads, 1)))
         with grad_mode():
@@ -208,12 +220,12 @@ def _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl):
 
 
 def _probe_backends(layer, cands, call, grads, timer) -> dict[str, float]:
-    """``{label: ms}`` of every SDPA candidate ``(label, backend, expand_kv)`` that runs, timed by ``timer(fn)``."""
+    """``{label: ms}`` of every candidate of :func:`_sdpa_candidates` that runs, timed by ``timer(fn)``."""
     from trimformer.bench.attention_kernel import _try
 
     out = {}
-    for label, backend, expand in cands:
-        t = _try(lambda *a: None, label, partial(timer, _with_backend(layer, backend, expand, call)))
+    for label, backend, expand, fused in cands:
+        t = _try(lambda *a: None, label, partial(timer, _with_backend(layer, backend, expand, fused, call)))
         layer.sdpa_expand_kv = False
         for g in grads:
             g.grad = None
@@ -223,8 +235,8 @@ def _probe_backends(layer, cands, call, grads, timer) -> dict[str, float]:
 
 
 def _backend_call(layer, cands, label, call):
-    backend, expand = next((bk, ex) for lb, bk, ex in cands if lb == label)
-    return _with_backend(layer, backend, expand, call)
+    backend, expand, fused = next(c[1:] for c in cands if c[0] == label)
+    return _with_backend(layer, backend, expand, fused, call)
 
 
 def _graph_ms(fn, repeat: int = 20) -> list[float]:

@@ -45,7 +45,7 @@ from trimformer.ops.rope import rotary_cos_sin
 
 ATTENTION_KINDS = ("mha", "gqa", "mla", "cca", "ccgqa")
 LAYER_IMPLS = ("auto", "triton", "torch", "naive")
-FUSED_PROJECTION_MIN_ROWS = 1024
+FUSED_PROJECTION_MIN_ROWS = 128  # CCA/CCGQA (H100, d_h 128, B 1): one GEMM 1.02-1.17x faster from 128 rows to 16k
 
 
 @dataclass
@@ -225,7 +225,7 @@ class AttentionBase(nn.Module, ABC):
     sdpa_expand_kv: bool = False
     dense_core_routing: bool = False  # impl="auto": measure SDPA against our kernel for dense input (see _attend)
     core_backend: str | None = None
-    fused_projection_min_rows: int = FUSED_PROJECTION_MIN_ROWS  # see _project
+    fused_projection_min_rows: int | None = None  # see _project; None: always one nn.Linear per projection
 
     def __init__(self, config: AttentionConfig, impl: str = "auto") -> None:
         super().__init__()
@@ -330,12 +330,14 @@ class AttentionBase(nn.Module, ABC):
 
         From ``fused_projection_min_rows`` rows on, one GEMM over the weights concatenated per call (one launch instead
         of several narrow ones; in training one input-gradient GEMM instead of a sum of several): the outputs are then
-        column views ``[T, out_i]`` of one ``[T, sum out_i]`` result. Below it (decode steps) every ``nn.Linear`` runs
-        alone, since copying the weights would cost more than the launches saved. Mixed biases (some ``None``) also
-        run alone.
+        column views ``[T, out_i]`` of one ``[T, sum out_i]`` result. Below it (decode steps), when it is ``None``, or
+        with mixed biases (some ``None``), every ``nn.Linear`` runs alone. The copy of the weights is what the fused
+        GEMM costs: it pays for CCA's narrow latent projections, not for MHA's ``3 E^2`` weights (measured in
+        ``ops/cca/NOTES.md`` v9), so only :class:`CCAttention` sets a threshold by default.
         """
         biases = [lin.bias for lin in linears]
-        if x.shape[0] < self.fused_projection_min_rows or len({b is None for b in biases}) > 1:
+        rows = self.fused_projection_min_rows
+        if rows is None or x.shape[0] < rows or len({b is None for b in biases}) > 1:
             return tuple(lin(x) for lin in linears)
         weight = torch.cat([lin.weight for lin in linears])
         bias = None if biases[0] is None else torch.cat(biases)
@@ -421,6 +423,7 @@ class CCAttention(AttentionBase):
     """
 
     dense_core_routing = True
+    fused_projection_min_rows = FUSED_PROJECTION_MIN_ROWS
 
     def __init__(self, config: AttentionConfig, *, impl: str = "auto", device=None, dtype=None) -> None:
         if config.kind not in ("cca", "ccgqa"):

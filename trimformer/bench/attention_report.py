@@ -60,7 +60,9 @@ def render(csv_path, run_ids: str, out_dir, appendix_runs: str = "") -> str:
           "Whole attention layer (projections included), E = 2048, bf16, causal, dense [B, S, E] input. Median ms: "
           "GPU time from CUDA-graph replays, and eager calls with L2 flushed (CUDA events; on the benchmark VM every "
           "PyTorch op costs tens of microseconds of host time, so short eager calls are launch-bound). Baselines: "
-          "the fastest PyTorch SDPA path per point (backend listed below); CCA/CCGQA: impl=\"auto\" (our fused "
+          "the fastest PyTorch path per point and timing (SDPA backend, K/V expanded or not, q/k/v projected as one "
+          "GEMM or not; eager calls and CUDA-graph replays probed separately; listed below); CCA/CCGQA: "
+          "impl=\"auto\" (our fused "
           "Triton prologue and flash decoding; the latent attention core on the fastest of our Triton flash kernel "
           "and the SDPA backends for the shape, listed below). Speed-up = baseline ms / method ms.\n\n"]  # fmt: skip
     order = [x.strip() for x in run_ids.split(",") if x.strip()]
@@ -68,7 +70,7 @@ def render(csv_path, run_ids: str, out_dir, appendix_runs: str = "") -> str:
     _plots(idx, Path(out_dir), dims, batches, methods, get)
     extra = [r for r in all_rows if r["run_id"] in _runs(appendix_runs)]
     if extra:
-        md.append(f"\n# Appendix: earlier kernel version, run(s) {', '.join(sorted(_runs(appendix_runs)))} (git "
+        md.append(f"\n# Appendix: earlier version, run(s) {', '.join(sorted(_runs(appendix_runs)))} (git "
                   f"{', '.join(sorted({r['git_sha'] or '-' for r in extra}))})\n\n")  # fmt: skip
         _body(extra, md, level="###", order=[x.strip() for x in appendix_runs.split(",") if x.strip()])
     text = "".join(md)

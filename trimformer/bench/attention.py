@@ -135,18 +135,18 @@ def _sdpa_candidates(args, grouped: bool, fusable: bool = False):
 
 def _with_backend(layer, backend, expand, fused, fn):
     """``fn`` run with one SDPA backend, K/V expansion on or off and (``fused``) the input projections as one GEMM;
-    the layer's own projection setting is restored after each call."""
+    the layer's own settings are restored after each call."""
     from torch.nn.attention import sdpa_kernel
 
     def run():
-        own = layer.fused_projection_min_rows
+        own = layer.sdpa_expand_kv, layer.fused_projection_min_rows
         layer.sdpa_expand_kv = expand
         layer.fused_projection_min_rows = 0 if fused else None
         try:
             with sdpa_kernel([backend]):
                 return fn()
         finally:
-            layer.fused_projection_min_rows = own
+            layer.sdpa_expand_kv, layer.fused_projection_min_rows = own
 
     return run
 
@@ -192,8 +192,11 @@ def _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl):
             return res
         probes = {"probe_ms": {k: round(v, 4) for k, v in eager.items()},
                   "probe_graph_ms": {k: round(v, 4) for k, v in graph.items()}}  # fmt: skip
-        runs = [(timing, _backend_call(layer, cands, min(p, key=p.get), call), prefix + min(p, key=p.get), probes)
-                for timing, p in (("eager", eager), ("graph", graph)) if p]  # fmt: skip
+        runs = []
+        for timing, probe in (("eager", eager), ("graph", graph)):
+            if probe:
+                best = min(probe, key=probe.get)
+                runs.append((timing, _backend_call(layer, cands, best, call), prefix + best, probes))
     else:
         runs = [("eager", call, "ours", {}), ("graph", call, "ours", {})]
     for timing, fn, provider, extra in runs:
@@ -207,7 +210,6 @@ def _layer_point(args, rec, log, cfg, name, layer, b, s, mode, impl):
             with grad_mode():
                 samples = _try(log, f"{name} {mode} graph", partial(_graph_ms, fn, reps))
             metric = f"{mode} (cuda graph)"
-        layer.sdpa_expand_kv = False
         for t in grads:
             t.grad = None
         if samples is None:
@@ -226,7 +228,6 @@ def _probe_backends(layer, cands, call, grads, timer) -> dict[str, float]:
     out = {}
     for label, backend, expand, fused in cands:
         t = _try(lambda *a: None, label, partial(timer, _with_backend(layer, backend, expand, fused, call)))
-        layer.sdpa_expand_kv = False
         for g in grads:
             g.grad = None
         if t is not None:

@@ -62,9 +62,9 @@ def render(csv_path, run_ids: str, out_dir, appendix_runs: str = "") -> str:
           "PyTorch op costs tens of microseconds of host time, so short eager calls are launch-bound). Baselines: "
           "the fastest PyTorch path per point and timing (SDPA backend, K/V expanded or not, q/k/v projected as one "
           "GEMM or not; eager calls and CUDA-graph replays probed separately; listed below); CCA/CCGQA: "
-          "impl=\"auto\" (our fused "
-          "Triton prologue and flash decoding; the latent attention core on the fastest of our Triton flash kernel "
-          "and the SDPA backends for the shape, listed below). Speed-up = baseline ms / method ms.\n\n"]  # fmt: skip
+          "impl=\"auto\" (our fused Triton prologue and flash decoding; the latent attention core on the fastest of "
+          "our Triton flash kernel and the SDPA backends for the shape, listed below). Speed-up = baseline ms / "
+          "method ms.\n\n"]  # fmt: skip
     order = [x.strip() for x in run_ids.split(",") if x.strip()]
     idx, get, dims, batches, methods = _body(rows, md, level="##", order=order)
     _plots(idx, Path(out_dir), dims, batches, methods, get)
